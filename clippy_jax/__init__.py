@@ -1,0 +1,1 @@
+"""clippy_jax: CLIPpy (perceptual grouping in contrastive vision-language models) in JAX/Flax."""

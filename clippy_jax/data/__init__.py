@@ -1,0 +1,1 @@
+"""Data: sources, preprocessing, the tokenizer, the synthetic demo set and dataset builders."""

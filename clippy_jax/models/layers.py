@@ -1,0 +1,159 @@
+"""Building blocks shared by the image and text towers, with t5x parameter names and logical axes.
+
+Logical axis names follow t5x: `batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `vocab`; the mesh
+rules in `clippy_jax.train.sharding` map them onto mesh axes.
+"""
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+Initializer = Callable[..., jax.Array]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # timm / PyTorch nn.GELU
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # T5.1.1 "gelu_new"
+    "linear": lambda x: x,
+}
+
+
+def dense_init(axes: tuple[str | None, ...], init: Initializer = nn.initializers.xavier_uniform()):
+    """An initializer that attaches t5x logical axis names to the parameter."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention with t5x's `query/key/value/out` kernels of shape [embed, heads, kv].
+
+    `scale_logits=False` is T5's convention (the 1/sqrt(d) factor lives in the query initialiser).
+    """
+
+    num_heads: int
+    head_dim: int
+    use_bias: bool = True
+    scale_logits: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        """x: [B, L, D]; bias: additive attention bias broadcastable to [B, H, L, L]."""
+        embed = x.shape[-1]
+        qkv_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        query_init = qkv_init
+        if not self.scale_logits:
+            def query_init(*args):
+                return qkv_init(*args) / jnp.sqrt(self.head_dim).astype(self.param_dtype)
+
+        def projection(name: str, init: Initializer) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                features=(self.num_heads, self.head_dim),
+                use_bias=self.use_bias,
+                kernel_init=dense_init(("embed", "heads", "kv"), init),
+                bias_init=dense_init(("heads", "kv"), nn.initializers.zeros),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        query = projection("query", query_init)(x)  # [B, L, H, K]
+        key = projection("key", qkv_init)(x)
+        value = projection("value", qkv_init)(x)
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        if self.scale_logits:
+            query = query / jnp.sqrt(self.head_dim).astype(query.dtype)
+        logits = jnp.einsum("bqhk,bvhk->bhqv", query, key).astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqv,bvhk->bqhk", weights, value)  # [B, L, H, K]
+        return nn.DenseGeneral(
+            features=embed,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            kernel_init=dense_init(("heads", "kv", "embed")),
+            bias_init=dense_init(("embed",), nn.initializers.zeros),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(out)
+
+
+class MlpBlock(nn.Module):
+    """t5x's MlpBlock: `wi` (or gated `wi_0`, `wi_1`, ...) then `wo`."""
+
+    mlp_dim: int
+    activations: Sequence[str] = ("gelu",)
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]."""
+        embed = x.shape[-1]
+
+        def dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+            return nn.Dense(
+                features,
+                use_bias=self.use_bias,
+                kernel_init=dense_init(axes),
+                bias_init=dense_init(axes[-1:], nn.initializers.zeros),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        names = ["wi"] if len(self.activations) == 1 else [f"wi_{i}" for i in range(len(self.activations))]
+        hidden = None
+        for name, activation in zip(names, self.activations, strict=True):
+            h = ACTIVATIONS[activation](dense(self.mlp_dim, ("embed", "mlp"), name)(x))
+            hidden = h if hidden is None else hidden * h
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return dense(embed, ("mlp", "embed"), "wo")(hidden)
+
+
+def layer_norm(kind: str, dtype: Dtype, param_dtype: Dtype, name: str, epsilon: float = 1e-6) -> nn.Module:
+    """`layer` (LayerNorm with bias, ViT) or `rms` (scale-only RMSNorm, T5), with the `embed` axis."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    if kind == "rms":
+        return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)
+    if kind == "layer":
+        bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+        return nn.LayerNorm(
+            epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, bias_init=bias_init, name=name
+        )
+    raise ValueError(f"Unknown norm kind {kind!r}; expected 'layer' or 'rms'.")
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    norm: str = "layer"
+    activations: Sequence[str] = ("gelu",)
+    use_bias: bool = True
+    scale_logits: bool = True
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        """x: [B, L, D]; bias: additive attention bias [B or 1, H or 1, L, L]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = layer_norm(self.norm, name="pre_attention_layer_norm", epsilon=self.epsilon, **kw)(x)
+        y = MultiHeadAttention(
+            self.num_heads, self.head_dim, self.use_bias, self.scale_logits, name="attention", **kw
+        )(y, bias)
+        x = x + y
+        y = layer_norm(self.norm, name="pre_mlp_layer_norm", epsilon=self.epsilon, **kw)(x)
+        y = MlpBlock(self.mlp_dim, tuple(self.activations), self.use_bias, name="mlp", **kw)(y)
+        x = x + y
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -1,0 +1,1 @@
+"""Training: loss, optimiser, sharding, train step, checkpoints and the train loop."""

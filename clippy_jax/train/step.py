@@ -1,0 +1,102 @@
+"""Train state, its sharded initialisation, and the jitted contrastive train step."""
+
+from collections.abc import Callable, Mapping, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from clippy_jax.train import sharding
+from clippy_jax.train.loss import contrastive_loss
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_batch: Mapping[str, jax.ShapeDtypeStruct],
+    mesh: Mesh,
+    seed: int,
+    grid_shape: Sequence[int] | None = None,
+) -> tuple[TrainState, TrainState]:
+    """Initialises the train state directly into its shardings.
+
+    Returns (state, state_shardings); parameters and optimiser state follow the logical axis rules.
+    """
+
+    def init_params(rng: jax.Array):
+        return model.init(rng, example_batch, grid_shape)["params"]
+
+    rng = jax.random.key(seed)
+    abstract_params = jax.eval_shape(init_params, rng)
+    param_shardings = sharding.logical_shardings(nn.get_partition_spec(abstract_params), mesh)
+    abstract_opt_state = jax.eval_shape(tx.init, nn.unbox(abstract_params))
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt_state,
+        param_shardings,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
+    )
+    state_shardings = TrainState(
+        step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings, rng=sharding.replicated(mesh)
+    )
+
+    def init_state(rng: jax.Array) -> TrainState:
+        params_rng, state_rng = jax.random.split(rng)
+        params = nn.unbox(init_params(params_rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+    return state, state_shardings
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state_shardings: TrainState,
+    mesh: Mesh,
+    max_logit_scale: float,
+    grid_shape: Sequence[int] | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns the jitted step (state, global batch) -> (state, metrics); the state is donated."""
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+                out = model.apply({"params": params}, batch, grid_shape)
+            return contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"], max_logit_scale)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(
+            metrics,
+            loss=loss,
+            grad_norm=optax.global_norm(grads),
+            learning_rate=schedule(state.step),
+        )
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+def batch_spec(local_batch: Mapping[str, jax.typing.ArrayLike], num_processes: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Global-batch shapes from one process's batch (the leading axis grows by the process count)."""
+    return {
+        k: jax.ShapeDtypeStruct((v.shape[0] * num_processes, *v.shape[1:]), v.dtype) for k, v in local_batch.items()
+    }
+
