@@ -47,4 +47,6 @@ def load(name: str, manual_dir: str, data_dir: str, split: str | None = None) ->
     ImageNet-V2 and Waterbirds). Examples come in file order, unshuffled.
     """
     dataset_builder = builder(name, manual_dir, data_dir)
-    return dataset_builder.as_dataset(split=split or dataset_builder.EVAL_SPLIT, shuffle_files=False)
+    return dataset_builder.as_dataset(
+        split=split or dataset_builder.EVAL_SPLIT, shuffle_files=False
+    )

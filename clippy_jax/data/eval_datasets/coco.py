@@ -54,7 +54,7 @@ def _rgb_to_segment_ids(path: epath.Path) -> np.ndarray:
 class CocoPanoptic133(common.SegmentationBuilder):
     """COCO 2017 panoptic val as semantic segmentation: 80 things + 53 stuff -> 0..132.
 
-    Category ids of `panoptic_val2017.json` are mapped in sorted order to 0..132 (their names land in
+    Category ids of `panoptic_val2017.json` map in sorted order to 0..132 (their names land in
     `info.metadata["class_names"]` at build time); void pixels (segment id 0 or not listed in
     `segments_info`) are 255. Crowd segments keep their category.
     """
@@ -118,7 +118,9 @@ class CocoObject(common.SegmentationBuilder):
         category_ids = sorted(coco.getCatIds())
         names = tuple(coco.cats[c]["name"] for c in category_ids)
         if names != COCO_THING_NAMES:
-            raise ValueError(f"{_INSTANCES_JSON} categories {names} differ from the 80 COCO things.")
+            raise ValueError(
+                f"{_INSTANCES_JSON} categories {names} differ from the 80 COCO things."
+            )
         return {
             "validation": self._generate_examples(
                 root, coco, _contiguous_ids(category_ids, first=BACKGROUND + 1)

@@ -49,12 +49,14 @@ def read_index_png(path: epath.Path) -> np.ndarray:
     """Reads a palette or grayscale PNG as its raw uint8 indices (never the palette colours)."""
     with Image.open(path) as image:
         if image.mode not in _INDEX_MODES:
-            raise ValueError(f"{path}: expected a palette or grayscale label PNG, got mode {image.mode!r}.")
+            raise ValueError(
+                f"{path}: expected a palette or grayscale label PNG, got mode {image.mode!r}."
+            )
         return np.asarray(image, dtype=np.uint8)
 
 
 def lookup_table(mapping: Mapping[int, int]) -> np.ndarray:
-    """A uint8 lookup table raw value -> label; values absent from `mapping` go to `IGNORE_LABEL`."""
+    """A uint8 lookup table raw value -> label; values not in `mapping` go to `IGNORE_LABEL`."""
     table = np.full(_NUM_UINT8_VALUES, IGNORE_LABEL, np.uint8)
     for raw, label in mapping.items():
         table[raw] = label

@@ -57,7 +57,9 @@ def _folder_samples(directory: epath.Path) -> Iterator[common.Sample]:
 def _flat_samples(directory: epath.Path, solution: epath.Path) -> Iterator[common.Sample]:
     """Labels come from the first synset of each row's PredictionString (all boxes share it)."""
     with solution.open() as f:
-        rows = sorted((row["ImageId"], row["PredictionString"].split()[0]) for row in csv.DictReader(f))
+        rows = sorted(
+            (row["ImageId"], row["PredictionString"].split()[0]) for row in csv.DictReader(f)
+        )
     for image_id, synset in rows:
         yield image_id, directory / f"{image_id}.JPEG", {"label": _SYNSET_INDEX[synset]}
 

@@ -33,7 +33,10 @@ class Waterbirds(common.ClassificationBuilder):
     """
 
     def _features(self) -> dict[str, tfds.features.FeatureConnector]:
-        return {**super()._features(), "place": tfds.features.ClassLabel(names=WATERBIRDS_PLACE_NAMES)}
+        return {
+            **super()._features(),
+            "place": tfds.features.ClassLabel(names=WATERBIRDS_PLACE_NAMES),
+        }
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         root = self._manual_root(dl_manager, _METADATA)
@@ -45,7 +48,9 @@ class Waterbirds(common.ClassificationBuilder):
         }
 
 
-def _samples(directory: epath.Path, rows: list[dict[str, str]], split: int) -> Iterator[common.Sample]:
+def _samples(
+    directory: epath.Path, rows: list[dict[str, str]], split: int
+) -> Iterator[common.Sample]:
     for row in rows:
         if int(row["split"]) == split:
             fields = {"label": int(row["y"]), "place": int(row["place"])}
