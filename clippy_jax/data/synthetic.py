@@ -203,7 +203,7 @@ def make_example(seed: int, index: int, image_size: int = 64, max_objects: int =
     segmentation = np.zeros((image_size, image_size), np.uint8)
     instances = np.zeros_like(segmentation)
     labels = []
-    for k in range(1, rng.integers(1, max_objects + 1) + 1):
+    for _ in range(rng.integers(1, max_objects + 1)):
         label = int(rng.integers(len(CATEGORIES)))
         r = rng.uniform(*radius_range) * image_size
         cy, cx = rng.uniform(r * 0.6, image_size - r * 0.6, 2)
@@ -212,9 +212,9 @@ def make_example(seed: int, index: int, image_size: int = 64, max_objects: int =
             continue
         shade = rng.uniform(0.85, 1.15)
         image[mask] = (CATEGORIES[label].texture(rng, y, x) * shade)[mask]
-        segmentation[mask] = label + 1
-        instances[mask] = k
         labels.append(label)
+        segmentation[mask] = label + 1
+        instances[mask] = len(labels)
     if not labels:  # every image holds at least one object
         return make_example(seed, index + 10**9, image_size, max_objects, radius_range)
 
@@ -232,3 +232,28 @@ def make_example(seed: int, index: int, image_size: int = 64, max_objects: int =
     caption = rng.choice(TEMPLATES).format(objects=_join(object_phrases), background=rng.choice(phrases))
     pixels = np.clip(image + rng.normal(0, 0.02, image.shape), 0, 1)
     return Example((pixels * 255).round().astype(np.uint8), caption.strip(), segmentation, instances, tuple(labels))
+
+
+def encode_example(seed: int, index: int, image_size: int) -> dict:
+    """One example as encoded bytes and arrays, ready for a TFRecord (runs in worker processes)."""
+    example = make_example(seed, index, image_size)
+    return dict(
+        key=f"{seed:04d}{index:09d}",
+        jpg=_encode(example.image, "JPEG"),
+        txt=example.caption,
+        segmentation=_encode(example.segmentation, "PNG"),
+        instances=_encode(example.instances, "PNG"),
+        labels=list(example.labels),
+        width=image_size,
+        height=image_size,
+    )
+
+
+def _encode(array: np.ndarray, image_format: str) -> bytes:
+    import io  # noqa: PLC0415
+
+    from PIL import Image  # noqa: PLC0415
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+    return buffer.getvalue()

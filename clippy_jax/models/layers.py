@@ -26,8 +26,42 @@ def dense_init(axes: tuple[str | None, ...], init: Initializer = nn.initializers
     return nn.with_logical_partitioning(init, axes)
 
 
+class DenseGeneral(nn.Module):
+    """Contracts the last `num_contract` input axes with a kernel [*contracted, *features].
+
+    Unlike `flax.linen.DenseGeneral`, the kernel is created in its final shape, so its logical
+    axis names (`kernel_axes`) apply to every dimension.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    num_contract: int = 1
+    use_bias: bool = True
+    init_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        contracted = x.shape[x.ndim - self.num_contract:]
+        kernel_shape = (*contracted, *self.features)
+        init = nn.initializers.variance_scaling(
+            self.init_scale, "fan_avg", "uniform",
+            in_axis=tuple(range(self.num_contract)), out_axis=tuple(range(self.num_contract, len(kernel_shape))),
+        )
+        kernel = self.param("kernel", dense_init(self.kernel_axes, init), kernel_shape, self.param_dtype)
+        dims = (tuple(range(x.ndim - self.num_contract, x.ndim)), tuple(range(self.num_contract)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+        if self.use_bias:
+            bias_axes = self.kernel_axes[self.num_contract:]
+            bias = self.param("bias", dense_init(bias_axes, nn.initializers.zeros), self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention with t5x's `query/key/value/out` kernels of shape [embed, heads, kv].
+    """Multi-head self-attention with t5x's `query/key/value` kernels [embed, heads, kv] and `out`
+    kernel [heads, kv, embed].
 
     `scale_logits=False` is T5's convention (the 1/sqrt(d) factor lives in the query initialiser).
     """
@@ -42,45 +76,21 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
         """x: [B, L, D]; bias: additive attention bias broadcastable to [B, H, L, L]."""
-        embed = x.shape[-1]
-        qkv_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
-        query_init = qkv_init
-        if not self.scale_logits:
-            def query_init(*args):
-                return qkv_init(*args) / jnp.sqrt(self.head_dim).astype(self.param_dtype)
-
-        def projection(name: str, init: Initializer) -> nn.DenseGeneral:
-            return nn.DenseGeneral(
-                features=(self.num_heads, self.head_dim),
-                use_bias=self.use_bias,
-                kernel_init=dense_init(("embed", "heads", "kv"), init),
-                bias_init=dense_init(("heads", "kv"), nn.initializers.zeros),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=name,
-            )
-
-        query = projection("query", query_init)(x)  # [B, L, H, K]
-        key = projection("key", qkv_init)(x)
-        value = projection("value", qkv_init)(x)
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        heads = (self.num_heads, self.head_dim)
+        query_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
+        query = DenseGeneral(heads, ("embed", "heads", "kv"), init_scale=query_scale, name="query", **kw)(x)
+        key = DenseGeneral(heads, ("embed", "heads", "kv"), name="key", **kw)(x)  # [B, L, H, K]
+        value = DenseGeneral(heads, ("embed", "heads", "kv"), name="value", **kw)(x)
         query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
         if self.scale_logits:
             query = query / jnp.sqrt(self.head_dim).astype(query.dtype)
-        logits = jnp.einsum("bqhk,bvhk->bhqv", query, key).astype(jnp.float32)
+        logits = jnp.einsum("bqhk,bvhk->bhqv", query, key).astype(jnp.float32)  # [B, H, L, L]
         if bias is not None:
             logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqv,bvhk->bqhk", weights, value)  # [B, L, H, K]
-        return nn.DenseGeneral(
-            features=embed,
-            axis=(-2, -1),
-            use_bias=self.use_bias,
-            kernel_init=dense_init(("heads", "kv", "embed")),
-            bias_init=dense_init(("embed",), nn.initializers.zeros),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out",
-        )(out)
+        return DenseGeneral((x.shape[-1],), ("heads", "kv", "embed"), num_contract=2, name="out", **kw)(out)
 
 
 class MlpBlock(nn.Module):

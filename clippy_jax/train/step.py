@@ -32,7 +32,8 @@ def create_train_state(
     """
 
     def init_params(rng: jax.Array):
-        return model.init(rng, example_batch, grid_shape)["params"]
+        batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in example_batch.items()}
+        return model.init(rng, batch, grid_shape)["params"]
 
     rng = jax.random.key(seed)
     abstract_params = jax.eval_shape(init_params, rng)

@@ -1,0 +1,26 @@
+"""Validation of a config before anything is compiled, with messages that name the setting."""
+
+import ml_collections
+
+from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
+from clippy_jax.train.sharding import mesh_shape
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
+    """Raises ValueError for settings that would fail (or silently misbehave) later."""
+    lookup(IMAGE_POOLS, config.model.image_pool, "model.image_pool")
+    lookup(TEXT_POOLS, config.model.text_pool, "model.text_pool")
+    data, fsdp, _ = mesh_shape(config.mesh, num_devices)
+    batch = config.train.batch_size
+    if batch % (data * fsdp):
+        raise ValueError(
+            f"config.train.batch_size={batch} is not divisible by the {data * fsdp} data-parallel devices "
+            f"(mesh data={data} x fsdp={fsdp} of {num_devices} devices); use a multiple of {data * fsdp}."
+        )
+    if batch % process_count:
+        raise ValueError(f"config.train.batch_size={batch} is not divisible by the {process_count} processes.")
+    if config.data.image_size % config.model.image.patch_size:
+        raise ValueError(
+            f"config.data.image_size={config.data.image_size} is not a multiple of "
+            f"config.model.image.patch_size={config.model.image.patch_size}."
+        )

@@ -1,0 +1,107 @@
+"""Writes the synthetic demo dataset to disk, once, in the formats the real pipelines read.
+
+The training split is TFRecord shards in img2dataset's layout (`jpg`, `txt`, `key`, `width`,
+`height`); the held-out split adds PNG `segmentation` and `instances` masks and the `labels` of
+the instances. A SentencePiece model is trained on the training captions.
+"""
+
+import concurrent.futures
+import functools
+import multiprocessing
+import os
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from clippy_jax.data import synthetic
+from clippy_jax.data.tokenizer import train_sentencepiece
+
+COMPLETE_MARKER = "COMPLETE"
+
+
+def _bytes(*values: bytes) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+
+def _ints(*values: int) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
+
+def _serialize(example: dict, with_masks: bool) -> bytes:
+    features = dict(
+        key=_bytes(example["key"].encode()),
+        jpg=_bytes(example["jpg"]),
+        txt=_bytes(example["txt"].encode()),
+        width=_ints(example["width"]),
+        height=_ints(example["height"]),
+    )
+    if with_masks:
+        features.update(
+            segmentation=_bytes(example["segmentation"]),
+            instances=_bytes(example["instances"]),
+            labels=_ints(*example["labels"]),
+        )
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def _write_split(directory: str, split: str, seed: int, count: int, num_shards: int, image_size: int,
+                 pool: concurrent.futures.Executor) -> list[str]:
+    """Writes `count` examples of a split; returns their captions."""
+    encode = functools.partial(synthetic.encode_example, seed, image_size=image_size)
+    captions = []
+    bounds = np.linspace(0, count, num_shards + 1).astype(int)
+    for shard, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        path = os.path.join(directory, f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord")
+        with tf.io.TFRecordWriter(path) as writer:
+            for example in pool.map(encode, range(start, stop), chunksize=64):
+                writer.write(_serialize(example, with_masks=split != "train"))
+                captions.append(example["txt"])
+    return captions
+
+
+def ensure_demo_data(config: ml_collections.ConfigDict, directory: str) -> str:
+    """Generates the demo data into `directory` unless a complete copy is already there."""
+    if tf.io.gfile.exists(os.path.join(directory, COMPLETE_MARKER)):
+        logging.info("Demo data found in %s.", directory)
+        return directory
+    logging.info("Generating the synthetic demo data into %s ...", directory)
+    tf.io.gfile.makedirs(directory)
+    workers = config.workers or os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        captions = _write_split(directory, "train", config.seed, config.train_examples, config.train_shards,
+                                config.image_size, pool)
+        _write_split(directory, "eval", config.seed + 1, config.eval_examples, 1, config.image_size, pool)
+    train_sentencepiece(captions, os.path.join(directory, "tokenizer.model"), config.vocab_size)
+    with tf.io.gfile.GFile(os.path.join(directory, COMPLETE_MARKER), "w") as f:
+        f.write(f"{config.train_examples} train, {config.eval_examples} eval\n")
+    return directory
+
+
+def load_eval_split(pattern: str) -> dict[str, np.ndarray]:
+    """The labelled held-out split as arrays: image uint8 [N, H, W, 3], segmentation and instances
+    uint8 [N, H, W], largest_label int [N] (category of the largest visible instance), caption."""
+    features = dict(
+        jpg=tf.io.FixedLenFeature([], tf.string),
+        txt=tf.io.FixedLenFeature([], tf.string),
+        segmentation=tf.io.FixedLenFeature([], tf.string),
+        instances=tf.io.FixedLenFeature([], tf.string),
+        labels=tf.io.VarLenFeature(tf.int64),
+    )
+    images, segmentations, instances, largest, captions = [], [], [], [], []
+    for record in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern))):
+        example = tf.io.parse_single_example(record, features)
+        images.append(tf.io.decode_image(example["jpg"], channels=3).numpy())
+        segmentations.append(tf.io.decode_png(example["segmentation"])[..., 0].numpy())
+        inst = tf.io.decode_png(example["instances"])[..., 0].numpy()
+        instances.append(inst)
+        labels = tf.sparse.to_dense(example["labels"]).numpy()
+        areas = np.bincount(inst.ravel(), minlength=len(labels) + 1)[1:]
+        largest.append(int(labels[np.argmax(areas)]))
+        captions.append(example["txt"].numpy().decode())
+    if not images:
+        raise FileNotFoundError(f"No evaluation examples match {pattern!r}.")
+    return dict(image=np.stack(images), segmentation=np.stack(segmentations), instances=np.stack(instances),
+                largest_label=np.asarray(largest), caption=np.asarray(captions))

@@ -1,0 +1,1 @@
+"""Evaluations: zero-shot segmentation and classification, with metrics, overlays and reports."""

@@ -1,0 +1,37 @@
+"""Entry point: `python -m clippy_jax.main --config=configs/demo.py --workdir=DIR`.
+
+Config overrides use ml_collections flags, e.g. `--config.train.steps=200`, and config string
+arguments, e.g. `--config=configs/demo.py:pool=avg`.
+"""
+
+import os
+
+import jax
+import tensorflow as tf
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clippy_jax import distributed
+from clippy_jax.train.loop import train_and_evaluate
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training configuration file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Directory for checkpoints, logs and results.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; leave accelerators to JAX.
+    distributed.initialize()
+    logging.info("JAX process %d of %d, %d local devices, %d in all.", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
+    workdir = _WORKDIR.value
+    if not workdir.startswith("gs://"):
+        workdir = os.path.abspath(workdir)
+    train_and_evaluate(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+    jax.config.config_with_absl()
+    app.run(main)

@@ -1,0 +1,101 @@
+"""The embedded demo: CLIPpy on synthetic captioned scenes, trained and evaluated on a laptop CPU.
+
+Config string arguments select variants: `configs/demo.py:pool=avg` (max | avg | cls),
+`configs/demo.py:pool=max,size=tiny` (the tiny size is for tests).
+"""
+
+import math
+
+import ml_collections
+
+# size: (ViT width, depth, heads, mlp; T5 width, depth, heads, mlp; steps; batch; train examples)
+SIZES = {
+    "demo": (128, 4, 4, 512, 128, 2, 4, 512, 2000, 64, 24000),
+    "tiny": (32, 1, 2, 64, 32, 1, 2, 64, 6, 16, 256),
+}
+
+
+def _parse(arg: str) -> dict[str, str]:
+    options = dict(pool="max", size="demo")
+    for item in filter(None, arg.split(",")):
+        key, _, value = item.partition("=")
+        if key not in options:
+            raise ValueError(f"Unknown demo config argument {key!r}; known: {sorted(options)} (e.g. pool=avg).")
+        options[key] = value
+    if options["size"] not in SIZES:
+        raise ValueError(f"Unknown size={options['size']!r}; choose from {sorted(SIZES)}.")
+    return options
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    options = _parse(arg)
+    vit_width, vit_depth, vit_heads, vit_mlp, t5_width, t5_depth, t5_heads, t5_mlp, steps, batch, examples = SIZES[
+        options["size"]]
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = dict(
+        source="synthetic",
+        train_pattern="",
+        eval_pattern="",
+        tokenizer_path="",
+        image_key="jpg",
+        text_key="txt",
+        image_size=64,
+        patch_size=8,
+        keep_ratio=1.0,  # the demo keeps every patch; the paper drops 80% at 2x resolution
+        keep_patches=0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        max_text_length=24,
+        shuffle_buffer=2048,
+        interleave=8,
+        prefetch=4,
+        synthetic=dict(
+            seed=1234,
+            image_size=64,
+            train_examples=examples,
+            eval_examples=max(examples // 48, 64),
+            train_shards=8,
+            vocab_size=512,
+            workers=0,  # 0: one per CPU core
+        ),
+    )
+    config.model = dict(
+        image=dict(
+            patch_size=8, width=vit_width, depth=vit_depth, num_heads=vit_heads, mlp_dim=vit_mlp,
+            posemb_grid=(8, 8), use_cls_token=True,
+        ),
+        text=dict(
+            vocab_size=0,  # 0: the size of the tokenizer trained on the demo captions
+            embed_dim=t5_width, depth=t5_depth, num_heads=t5_heads, head_dim=t5_width // t5_heads,
+            mlp_dim=t5_mlp, activations=("gelu_tanh", "linear"),
+        ),
+        image_pool=options["pool"],  # CLIPpy: spatial max (paper Sec. 3)
+        text_pool="mean",  # paper appendix Tab. 8
+        embed_dim=128,
+        temperature_init=0.07,
+        dtype="float32",
+        param_dtype="float32",
+    )
+    config.optim = dict(
+        learning_rate=1e-3,  # paper appendix E
+        warmup_steps=steps // 10,  # the paper warms up 2000 steps of a much longer run
+        weight_decay=1e-2,  # paper appendix E
+        grad_clip_norm=1.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-6,
+        grad_accum_steps=1,
+    )
+    config.train = dict(
+        steps=steps,
+        batch_size=batch,
+        log_every=50 if options["size"] == "demo" else 2,
+        checkpoint_every=250 if options["size"] == "demo" else 3,
+        keep_checkpoints=2,
+        max_logit_scale=math.log(100.0),
+    )
+    config.mesh = dict(data=-1, fsdp=1, model=1)
+    config.eval = dict(evaluators=("synthetic_segmentation",), batch_size=64, num_overlays=6)
+    return config
