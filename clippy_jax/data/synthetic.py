@@ -80,7 +80,9 @@ def fish(rng, y, x):
 
 
 def pineapple(rng, y, x):
-    hatch = np.maximum(_stripes(rng, y, x, (4.0, 5.0), 0.25, np.pi / 4), _stripes(rng, y, x, (4.0, 5.0), 0.25, -np.pi / 4))
+    hatch = np.maximum(
+        _stripes(rng, y, x, (4.0, 5.0), 0.25, np.pi / 4), _stripes(rng, y, x, (4.0, 5.0), 0.25, -np.pi / 4)
+    )
     return _mix(hatch, _rgb(120, 70, 10), _rgb(250, 210, 40))
 
 

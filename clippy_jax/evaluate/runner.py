@@ -92,7 +92,8 @@ def write_results(workdir: str, results: dict) -> None:
     for name, result in results["evaluations"].items():
         lines += [f"## {name}", "", f"- mIoU: {result['miou']:.4f}"]
         if result.get("classification_accuracy") is not None:
-            lines.append(f"- zero-shot classification accuracy (largest object): {result['classification_accuracy']:.4f}")
+            accuracy = result["classification_accuracy"]
+            lines.append(f"- zero-shot classification accuracy (largest object): {accuracy:.4f}")
         lines += ["", "| class | IoU |", "|---|---|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in result["per_class_iou"].items()]
         lines.append("")

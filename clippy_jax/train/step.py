@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from clippy_jax.train import sharding
 from clippy_jax.train.loss import contrastive_loss
 
+
 class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
     params: dict
@@ -82,7 +83,7 @@ def make_train_step(
         metrics = dict(
             metrics,
             loss=loss,
-            grad_norm=optax.global_norm(grads),
+            grad_norm=optax.tree.norm(grads),
             learning_rate=schedule(state.step),
         )
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)

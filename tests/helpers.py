@@ -1,0 +1,35 @@
+"""Shared test utilities: running the entry point in a subprocess and reading TensorBoard events."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main_command(workdir: str, *flags: str, config: str = "configs/demo.py:size=tiny") -> list[str]:
+    return [sys.executable, "-m", "clippy_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
+
+
+def run_main(workdir: str, *flags: str, config: str = "configs/demo.py:size=tiny", timeout: int = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(main_command(workdir, *flags, config=config), cwd=REPO, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode:
+        raise AssertionError(f"main failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_scalars(workdir: str, tag: str) -> dict[int, float]:
+    """{step: value} of a scalar tag over all event files in `workdir` (later files win)."""
+    values = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")), key=os.path.getmtime):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor)) if value.HasField("tensor") \
+                        else value.simple_value
+    return values

@@ -1,0 +1,74 @@
+"""The entry point end to end on the tiny demo config: artifacts, resume after kill -9, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import REPO, main_command, read_scalars, run_main
+
+RESUME_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tiny"))
+    result = run_main(workdir, *RESUME_FLAGS)
+    return workdir, result
+
+
+def test_tiny_run_leaves_checkpoint_events_and_results(tiny_run):
+    workdir, result = tiny_run
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8", "data"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    miou = results["evaluations"]["synthetic_segmentation"]["miou"]
+    assert 0.0 <= miou <= 1.0
+    assert "mIoU" in open(os.path.join(workdir, "results.md")).read()
+    losses = read_scalars(workdir, "train/loss")
+    assert sorted(losses) == list(range(1, 11)) and all(np.isfinite(list(losses.values())))
+    assert read_scalars(workdir, "synthetic_segmentation/miou")[10] == pytest.approx(miou)
+    assert "ETA" in result.stderr  # clu ReportProgress
+
+
+def test_resume_after_kill_follows_the_uninterrupted_run(tiny_run, tmp_path):
+    reference = read_scalars(tiny_run[0], "train/loss")
+    workdir = str(tmp_path)
+    # The first run shares the demo data of the reference run so that only training differs.
+    os.symlink(os.path.join(tiny_run[0], "data"), os.path.join(workdir, "data"))
+    process = subprocess.Popen(main_command(workdir, *RESUME_FLAGS), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(workdir, "results.json")), "the run finished before it was killed"
+
+    result = run_main(workdir, *RESUME_FLAGS)
+    assert "Resuming training at step 4" in result.stderr or "Resuming training at step 8" in result.stderr
+    resumed = read_scalars(workdir, "train/loss")
+    assert sorted(resumed) == list(range(1, 11))
+    np.testing.assert_array_equal([resumed[s] for s in range(5, 11)], [reference[s] for s in range(5, 11)])
+
+
+@pytest.mark.parametrize(
+    ("flags", "config", "message"),
+    [
+        ((), "configs/demo.py:size=tiny,pool=median", "model.image_pool='median'"),
+        (("--config.train.batch_size=12",), "configs/demo.py:size=tiny", "config.train.batch_size=12"),
+        (("--config.train.no_such_key=1",), "configs/demo.py:size=tiny", "no_such_key"),
+        (("--config.mesh.model=3",), "configs/demo.py:size=tiny", "config.mesh"),
+    ],
+)
+def test_bad_settings_fail_before_compilation_naming_the_setting(tmp_path, flags, config, message):
+    result = run_main(str(tmp_path), *flags, config=config, check=False, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "data")), "failed only after generating data"

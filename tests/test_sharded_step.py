@@ -1,0 +1,71 @@
+"""The jitted train step gives the same results on one device and on meshes of 8 host devices."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from clippy_jax.models import build_model
+from clippy_jax.train import sharding
+from clippy_jax.train.optimizer import make_optimizer
+from clippy_jax.train.step import batch_spec, create_train_state, make_train_step
+
+BATCH = 16
+
+
+def _configs():
+    model = ml_collections.ConfigDict(dict(
+        image=dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), use_cls_token=True),
+        text=dict(vocab_size=64, embed_dim=32, depth=2, num_heads=2, head_dim=16, mlp_dim=64,
+                  activations=("gelu_tanh", "linear")),
+        image_pool="max", text_pool="mean", embed_dim=16, temperature_init=0.07, dtype="float32",
+        param_dtype="float32",
+    ))
+    optim = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=1, weight_decay=1e-2, grad_clip_norm=1.0,
+                                           b1=0.9, b2=0.999, eps=1e-6, grad_accum_steps=1))
+    return model, optim
+
+
+def _batches(steps: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(steps):
+        tokens = rng.integers(3, 64, (BATCH, 12)).astype(np.int32)
+        tokens[:, 8:] = 0
+        batches.append(dict(image=rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32), tokens=tokens))
+    return batches
+
+
+def _train(mesh_shape: tuple[int, int, int], steps: int):
+    model_config, optim_config = _configs()
+    model = build_model(model_config)
+    tx, schedule = make_optimizer(optim_config, total_steps=10)
+    devices = jax.devices()[: int(np.prod(mesh_shape))]
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape))), devices)
+    batches = _batches(steps)
+    state, shardings = create_train_state(model, tx, batch_spec(batches[0], 1), mesh, seed=0)
+    step_fn = make_train_step(model, tx, schedule, shardings, mesh, max_logit_scale=np.log(100.0))
+    losses = []
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return np.asarray(losses), jax.device_get(state.params), state
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    return _train((1, 1, 1), steps=3)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_meshes_match_one_device(single_device, mesh_shape):
+    assert jax.device_count() == 8
+    losses, params, state = _train(mesh_shape, steps=3)
+    ref_losses, ref_params, _ = single_device
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=0), params, ref_params)
+    # The step really ran sharded: FSDP and tensor-parallel axes split the parameters.
+    kernel = state.params["text_tower"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
+    assert len(kernel.addressable_shards) == 8
