@@ -52,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         interleave=8,
         prefetch=4,
         synthetic=dict(
+            directory="",  # empty: <workdir>/data
             seed=1234,
             image_size=64,
             train_examples=examples,

@@ -105,3 +105,17 @@ def load_eval_split(pattern: str) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"No evaluation examples match {pattern!r}.")
     return dict(image=np.stack(images), segmentation=np.stack(segmentations), instances=np.stack(instances),
                 largest_label=np.asarray(largest), caption=np.asarray(captions))
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The `data` section with concrete paths; generates the synthetic demo data on first use."""
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    if data.source == "synthetic":
+        directory = ensure_demo_data(data.synthetic, data.synthetic.directory or os.path.join(workdir, "data"))
+        data.train_pattern = os.path.join(directory, "train-*.tfrecord")
+        data.eval_pattern = os.path.join(directory, "eval-*.tfrecord")
+        data.tokenizer_path = os.path.join(directory, "tokenizer.model")
+    for key in ("train_pattern", "tokenizer_path"):
+        if not data.get(key):
+            raise ValueError(f"config.data.{key} is required for data.source={data.source!r}.")
+    return data

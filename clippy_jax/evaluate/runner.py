@@ -16,20 +16,6 @@ from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate.segmentation import SegmentationResult, evaluate_segmentation
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """The `data` section with concrete paths; generates the synthetic demo data on first use."""
-    data = ml_collections.ConfigDict(config.data.to_dict())
-    if data.source == "synthetic":
-        directory = demo_data.ensure_demo_data(data.synthetic, os.path.join(workdir, "data"))
-        data.train_pattern = os.path.join(directory, "train-*.tfrecord")
-        data.eval_pattern = os.path.join(directory, "eval-*.tfrecord")
-        data.tokenizer_path = os.path.join(directory, "tokenizer.model")
-    for key in ("train_pattern", "tokenizer_path"):
-        if not data.get(key):
-            raise ValueError(f"config.data.{key} is required for data.source={data.source!r}.")
-    return data
-
-
 def synthetic_segmentation(config, model, params, tokenizer, data_config) -> SegmentationResult:
     """Top-down zero-shot segmentation and largest-object classification on the demo's held-out split."""
     split = demo_data.load_eval_split(data_config.eval_pattern)

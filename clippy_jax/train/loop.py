@@ -10,7 +10,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 
 from clippy_jax import config_checks
-from clippy_jax.data import pipeline
+from clippy_jax.data import demo_data, pipeline
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import runner
 from clippy_jax.models import build_model
@@ -28,7 +28,7 @@ def _grid_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.train.steps` steps (resuming from `workdir`), then runs the evaluations."""
     config_checks.validate(config, jax.device_count())
-    data_config = runner.prepare_data(config, workdir)
+    data_config = demo_data.prepare_data(config, workdir)
     tokenizer = Tokenizer(data_config.tokenizer_path, config.data.max_text_length)
     model = build_model(config.model, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
