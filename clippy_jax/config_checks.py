@@ -19,6 +19,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         )
     if batch % process_count:
         raise ValueError(f"config.train.batch_size={batch} is not divisible by the {process_count} processes.")
+    if config.train.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; choose 'stop' or 'skip'.")
     if config.data.image_size % config.model.image.patch_size:
         raise ValueError(
             f"config.data.image_size={config.data.image_size} is not a multiple of "

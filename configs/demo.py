@@ -95,8 +95,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         log_every=50 if options["size"] == "demo" else 2,
         checkpoint_every=250 if options["size"] == "demo" else 3,
         keep_checkpoints=2,
-        max_logit_scale=math.log(100.0),
+        max_logit_scale=math.log(100.0),  # CLIP clips 1 / tau at 100
+        on_nonfinite="stop",  # or "skip": leave the update out and go on
+        profile_steps=0,  # > 0: capture a profiler trace of this many steps
+        profile_first_step=10,  # steps after the start (or resume) at which the capture begins
     )
     config.mesh = dict(data=-1, fsdp=1, model=1)
-    config.eval = dict(evaluators=("synthetic_segmentation",), batch_size=64, num_overlays=6)
+    config.eval = dict(
+        evaluators=("synthetic_segmentation",),
+        every_steps=0,  # > 0: also evaluate during training
+        batch_size=64,
+        num_overlays=6,
+    )
     return config

@@ -1,6 +1,7 @@
-"""The train loop: data, sharded state, jitted steps, checkpoints, CLU logging, then evaluation."""
+"""The train loop: data, sharded state, jitted steps, checkpoints, CLU logging, evaluations."""
 
 import os
+import signal
 import time
 
 import jax
@@ -8,16 +9,43 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from clippy_jax import config_checks
 from clippy_jax.data import demo_data, pipeline
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import runner
 from clippy_jax.models import build_model
-from clippy_jax.train import sharding
+from clippy_jax.train import perf, sharding
 from clippy_jax.train.checkpoint import Checkpointer
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import batch_spec, create_train_state, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN or Inf appeared in the loss or the gradients."""
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM (TPU maintenance, preemption notices, SLURM's time limit) into a clean stop.
+
+    With several processes, JAX's preemption sync point makes every process stop at the same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        del frame
+        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def _grid_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -25,9 +53,18 @@ def _grid_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return side, side
 
 
+def _check_finite(fetched: list[dict], first_step: int) -> None:
+    for offset, metrics in enumerate(fetched):
+        if metrics["nonfinite"]:
+            raise NonFiniteLossError(
+                f"Non-finite loss or gradients at step {first_step + offset} (loss={metrics['loss']}); the last "
+                "checkpoint before it is intact. Lower optim.learning_rate or set train.on_nonfinite='skip'."
+            )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains `config.train.steps` steps (resuming from `workdir`), then runs the evaluations."""
-    config_checks.validate(config, jax.device_count())
+    config_checks.validate(config, jax.device_count(), jax.process_count())
     data_config = demo_data.prepare_data(config, workdir)
     tokenizer = Tokenizer(data_config.tokenizer_path, config.data.max_text_length)
     model = build_model(config.model, tokenizer.vocab_size)
@@ -57,27 +94,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
         writer.write_hparams(_flatten(config))
-    train_step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale, grid_shape)
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.train.log_every)
-    hooks = [report]
-    last_log_time, last_log_step = time.time(), start_step
-    pending = []
+    skip_nonfinite = config.train.on_nonfinite == "skip"
+    train_step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale,
+                                 grid_shape, skip_nonfinite)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.train.log_every)]
+    if config.train.profile_steps and jax.process_index() == 0:
+        hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
+                                              first_profile=start_step + config.train.profile_first_step,
+                                              every_secs=None, logdir=workdir))
+    batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+                    for k, v in example.items()}
+    compiled_step = train_step.lower(state, batch_shapes).compile()
+    flops_per_step = perf.compiled_flops(compiled_step)
+    peak_flops, peak_source = perf.device_peak_flops()
+    logging.info("XLA: %s FLOPs per step per device; device peak %.3g FLOP/s (%s).", flops_per_step, peak_flops,
+                 peak_source)
+    preemption = PreemptionWatcher()
+    last_log_time, last_log_step, pending = time.time(), start_step, []
+    step = start_step
     with jax.set_mesh(mesh):
-        for step in range(start_step + 1, total_steps + 1):
+        while step < total_steps:
+            step += 1
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = sharding.global_batch(next(iterator), mesh)
-                state, metrics = train_step(state, batch)
+                state, metrics = compiled_step(state, sharding.global_batch(next(iterator), mesh))
             pending.append(metrics)
             for hook in hooks:
                 hook(step)
-            if step % config.train.log_every == 0 or step == total_steps:
-                scalars = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-                elapsed = time.time() - last_log_time
-                scalars["examples_per_second"] = (step - last_log_step) * config.train.batch_size / elapsed
+            stop = preemption.should_stop(step)
+            will_save = stop or step == total_steps or checkpointer.manager.should_save(step)
+            if step % config.train.log_every == 0 or will_save:
+                fetched = jax.device_get(pending)
+                if not skip_nonfinite:
+                    _check_finite(fetched, last_log_step + 1)  # never checkpoint a NaN
+            if step % config.train.log_every == 0 or step == total_steps or stop:
+                scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                seconds_per_step = (time.time() - last_log_time) / (step - last_log_step)
+                scalars["examples_per_second"] = config.train.batch_size / seconds_per_step
+                if flops_per_step:
+                    scalars["flops_per_step_per_device"] = flops_per_step
+                    scalars["mfu"] = flops_per_step / seconds_per_step / peak_flops
                 writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
                 pending, last_log_time, last_log_step = [], time.time(), step
-            checkpointer.save(step, state, iterator, force=step == total_steps)
+            checkpointer.save(step, state, iterator, force=step == total_steps or stop)
+            if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
+                runner.run_evaluations(config, model, state.params, tokenizer, data_config, writer, workdir, step)
+            if stop:
+                checkpointer.wait()
+                logging.warning("Stopped at step %d after a termination signal; rerun to resume.", step)
+                return {}
     checkpointer.wait()
     checkpointer.close()
     results = runner.run_evaluations(config, model, state.params, tokenizer, data_config, writer, workdir, total_steps)
@@ -91,5 +156,5 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
         if isinstance(value, ml_collections.ConfigDict):
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
     return out

@@ -68,8 +68,13 @@ def make_train_step(
     mesh: Mesh,
     max_logit_scale: float,
     grid_shape: Sequence[int] | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns the jitted step (state, global batch) -> (state, metrics); the state is donated."""
+    """Returns the jitted step (state, global batch) -> (state, metrics); the state is donated.
+
+    `metrics["nonfinite"]` is 1 when the loss or the gradients hold a NaN or Inf; with
+    `skip_nonfinite` such an update is not applied (the step counter still advances).
+    """
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
@@ -80,11 +85,18 @@ def make_train_step(
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+            )
         metrics = dict(
             metrics,
             loss=loss,
-            grad_norm=optax.tree.norm(grads),
+            grad_norm=grad_norm,
             learning_rate=schedule(state.step),
+            nonfinite=1.0 - finite.astype(jnp.float32),
         )
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
