@@ -1,5 +1,10 @@
 """The jitted train step gives the same results on one device and on meshes of 8 host devices."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -9,6 +14,7 @@ from clippy_jax.models import build_model
 from clippy_jax.train import sharding
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import batch_spec, create_train_state, make_train_step
+from tests.helpers import REPO
 
 BATCH = 16
 
@@ -36,36 +42,73 @@ def _batches(steps: int) -> list[dict[str, np.ndarray]]:
     return batches
 
 
-def _train(mesh_shape: tuple[int, int, int], steps: int):
+def train(mesh_shape: tuple[int, int, int], steps: int):
+    """Runs `steps` steps on fixed batches; with several processes, each feeds its slice of the batch."""
     model_config, optim_config = _configs()
     model = build_model(model_config)
     tx, schedule = make_optimizer(optim_config, total_steps=10)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape))), devices)
-    batches = _batches(steps)
-    state, shardings = create_train_state(model, tx, batch_spec(batches[0], 1), mesh, seed=0)
+    local = BATCH // jax.process_count()
+    rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    batches = [{k: v[rows] for k, v in batch.items()} for batch in _batches(steps)]
+    state, shardings = create_train_state(model, tx, batch_spec(batches[0], jax.process_count()), mesh, seed=0)
     step_fn = make_train_step(model, tx, schedule, shardings, mesh, max_logit_scale=np.log(100.0))
     losses = []
     with jax.set_mesh(mesh):
         for batch in batches:
             state, metrics = step_fn(state, sharding.global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
-    return np.asarray(losses), jax.device_get(state.params), state
+    return np.asarray(losses), state
 
 
 @pytest.fixture(scope="module")
 def single_device():
-    return _train((1, 1, 1), steps=3)
+    losses, state = train((1, 1, 1), steps=3)
+    return losses, jax.device_get(state.params)
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_meshes_match_one_device(single_device, mesh_shape):
     assert jax.device_count() == 8
-    losses, params, state = _train(mesh_shape, steps=3)
-    ref_losses, ref_params, _ = single_device
+    losses, state = train(mesh_shape, steps=3)
+    ref_losses, ref_params = single_device
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    params = jax.device_get(state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=0), params, ref_params)
     # The step really ran sharded: FSDP and tensor-parallel axes split the parameters.
     kernel = state.params["text_tower"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
     assert len(kernel.addressable_shards) == 8
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """2 processes x 4 CPU devices on 127.0.0.1 (gloo collectives) give the 8-device losses."""
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.test_sharded_step", f"127.0.0.1:{port}", str(i), str(tmp_path / f"{i}.npy")],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0, output[-3000:]
+    expected, _ = train((8, 1, 1), steps=3)
+    for i in range(2):
+        np.testing.assert_allclose(np.load(tmp_path / f"{i}.npy"), expected, rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":  # one worker of test_two_processes_match_one_process
+    coordinator, process_id, output = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=2, process_id=process_id)
+    assert jax.device_count() == 8 and jax.local_device_count() == 4
+    np.save(output, train((8, 1, 1), steps=3)[0])
