@@ -117,5 +117,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
         data.tokenizer_path = os.path.join(directory, "tokenizer.model")
     for key in ("train_pattern", "tokenizer_path"):
         if not data.get(key):
-            raise ValueError(f"config.data.{key} is required for data.source={data.source!r}.")
+            raise ValueError(
+                f"config.data.{key} is required for data.source={data.source!r}; pass --config.data.{key}=..."
+            )
     return data

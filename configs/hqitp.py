@@ -1,0 +1,12 @@
+"""CLIPpy on HQITP-134M: 10 epochs (paper appendix C, E). See `paper.py` for the required paths."""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("paper", os.path.join(os.path.dirname(__file__), "paper.py"))
+paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(paper)
+
+
+def get_config():
+    return paper.paper_config(num_examples=134_000_000, epochs=10)  # appendix C and E

@@ -1,0 +1,80 @@
+"""The paper's training recipe (CLIPpy, ICCV 2023, appendix E), shared by `hqitp.py` and `cc12m.py`.
+
+Dataset paths are required: pass them as overrides, e.g.
+  --config.data.train_pattern='gs://bucket/cc12m/*.tfrecord' --config.data.tokenizer_path=.../t5.model
+  --config.init.image=DIR_OF_CONVERTED_DINO --config.init.text=DIR_OF_CONVERTED_T5
+(`--config.init.image=random` / `--config.init.text=random` for the random-init ablations of Tab. 9).
+"""
+
+import math
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072)  # ViT-B/16 (appendix D.1)
+T5_BASE = dict(vocab_size=32128, embed_dim=768, depth=12, num_heads=12, head_dim=64, mlp_dim=3072,
+               activations=("relu",))  # T5-base encoder: 12 layers, 12 heads, 768 channels (appendix D.1)
+
+
+def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_collections.ConfigDict:
+    """The recipe for a dataset of `num_examples` pairs trained for `epochs` epochs."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    steps = math.ceil(num_examples * epochs / batch_size)
+
+    config.data = dict(
+        source="img2dataset_tfrecord",
+        train_pattern=placeholder(str),  # required
+        eval_pattern="",
+        tokenizer_path=placeholder(str),  # required: T5's SentencePiece model (spiece.model)
+        image_key="jpg",
+        text_key="txt",
+        image_size=448,  # up to 2x the 224 resolution during training (appendix D.4)
+        patch_size=16,
+        keep_ratio=0.2,  # randomly drop 80% of the visual tokens (appendix D.4)
+        keep_patches=0,
+        mean=(0.485, 0.456, 0.406),  # replace with `python -m clippy_jax.data.stats` (appendix C)
+        std=(0.229, 0.224, 0.225),
+        max_text_length=64,  # captions average 20.1 tokens (appendix C)
+        shuffle_buffer=20_000,
+        interleave=16,
+        prefetch=4,
+    )
+    config.model = dict(
+        image=dict(**VIT_B16, posemb_grid=(14, 14), use_cls_token=True, remat=False),
+        text=dict(**T5_BASE, remat=False),
+        image_pool="max",  # CLIPpy's spatial max (Sec. 3)
+        text_pool="mean",  # average pooling of tokens (appendix Tab. 8)
+        embed_dim=512,
+        temperature_init=0.07,
+        dtype="bfloat16",
+        param_dtype="float32",
+    )
+    config.init = dict(
+        image=placeholder(str),  # converted DINO ViT-B/16 (appendix Tab. 4, 9), or "random"
+        text=placeholder(str),  # converted T5-base or sentence-T5-base (appendix Tab. 9), or "random"
+    )
+    config.optim = dict(
+        learning_rate=1e-3,  # appendix E
+        warmup_steps=2000,  # appendix E
+        weight_decay=1e-2,  # appendix E
+        grad_clip_norm=1.0,  # not stated in the paper
+        b1=0.9,
+        b2=0.999,
+        eps=1e-6,
+        grad_accum_steps=1,
+    )
+    config.train = dict(
+        steps=steps,  # one cosine period over the whole run (appendix E)
+        batch_size=batch_size,  # not stated in the paper (32 GPUs); CLIP's ViT-B/16 recipes use 4k-32k
+        log_every=100,
+        checkpoint_every=2000,
+        keep_checkpoints=3,
+        max_logit_scale=math.log(100.0),
+        on_nonfinite="stop",
+        profile_steps=0,
+        profile_first_step=10,
+    )
+    config.mesh = dict(data=-1, fsdp=1, model=1)
+    config.eval = dict(evaluators=(), every_steps=10_000, batch_size=256, num_overlays=8)
+    return config
