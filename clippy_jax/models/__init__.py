@@ -1,26 +1,44 @@
 """Flax modules: the ViT image tower, the T5 text tower, pooling heads and the two-tower model."""
 
+from collections.abc import Mapping
+
 import jax.numpy as jnp
 import ml_collections
 
+from clippy_jax.models.t5 import t5_config
 from clippy_jax.models.two_tower import TwoTower
+from clippy_jax.models.vit import vit_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def tower_kwargs(image: Mapping, text: Mapping) -> tuple[dict, dict]:
+    """Expands presets: `image.variant` ('B/16', ...) and `text.size` ('base', ...) with
+    `text.variant` ('t5_1_0' or 't5_1_1'); keys given explicitly override the preset's."""
+    image, text = dict(image), dict(text)
+    if "variant" in image:
+        image = {**vit_config(image.pop("variant")), **image}
+    if "size" in text:
+        text = {**t5_config(text.pop("size"), text.pop("variant", "t5_1_1")), **text}
+    return image, text
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> TwoTower:
     """The two-tower model from the `model` config section; `vocab_size` fills `text.vocab_size`
     when the config leaves it unset (the demo's tokenizer is trained at run time)."""
-    text = dict(config.text)
+    image, text = tower_kwargs(config.image, config.text)
     if not text.get("vocab_size"):
         text["vocab_size"] = vocab_size
     return TwoTower(
-        image=dict(config.image),
+        image=image,
         text=text,
         image_pool=config.image_pool,
         text_pool=config.text_pool,
         embed_dim=config.embed_dim,
         temperature_init=config.temperature_init,
+        pool_temperature=config.get("pool_temperature", 0.1),
+        project_image=config.get("project_image", True),
+        project_text=config.get("project_text", True),
         dtype=DTYPES[config.dtype],
         param_dtype=DTYPES[config.param_dtype],
     )

@@ -21,9 +21,15 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def dense_init(axes: tuple[str | None, ...], init: Initializer = nn.initializers.xavier_uniform()):
-    """An initializer that attaches t5x logical axis names to the parameter."""
-    return nn.with_logical_partitioning(init, axes)
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Unit-norm along the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def dense_init(axes: tuple[str | None, ...], init: Initializer | None = None):
+    """An initializer (default Xavier-uniform) that attaches t5x logical axis names to the parameter."""
+    return nn.with_logical_partitioning(init or nn.initializers.xavier_uniform(), axes)
 
 
 class DenseGeneral(nn.Module):
@@ -82,14 +88,15 @@ class MultiHeadAttention(nn.Module):
         query = DenseGeneral(heads, ("embed", "heads", "kv"), init_scale=query_scale, name="query", **kw)(x)
         key = DenseGeneral(heads, ("embed", "heads", "kv"), name="key", **kw)(x)  # [B, L, H, K]
         value = DenseGeneral(heads, ("embed", "heads", "kv"), name="value", **kw)(x)
-        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        axes = ("batch", "length", "heads", "kv")
+        query, key, value = (nn.with_logical_constraint(t, axes) for t in (query, key, value))
         if self.scale_logits:
             query = query / jnp.sqrt(self.head_dim).astype(query.dtype)
         logits = jnp.einsum("bqhk,bvhk->bhqv", query, key).astype(jnp.float32)  # [B, H, L, L]
         if bias is not None:
             logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqv,bvhk->bqhk", weights, value)  # [B, L, H, K]
+        out = nn.with_logical_constraint(jnp.einsum("bhqv,bvhk->bqhk", weights, value), axes)  # [B, L, H, K]
         return DenseGeneral((x.shape[-1],), ("heads", "kv", "embed"), num_contract=2, name="out", **kw)(out)
 
 
@@ -127,8 +134,13 @@ class MlpBlock(nn.Module):
         return dense(embed, ("mlp", "embed"), "wo")(hidden)
 
 
-def layer_norm(kind: str, dtype: Dtype, param_dtype: Dtype, name: str, epsilon: float = 1e-6) -> nn.Module:
-    """`layer` (LayerNorm with bias, ViT) or `rms` (scale-only RMSNorm, T5), with the `embed` axis."""
+def layer_norm(
+    kind: str, dtype: Dtype, param_dtype: Dtype, name: str | None = None, epsilon: float = 1e-6
+) -> nn.Module:
+    """`layer` (LayerNorm with bias, ViT) or `rms` (scale-only RMSNorm, T5), with the `embed` axis.
+
+    `name` is left unset when the norm is assigned to an attribute in `setup`.
+    """
     scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
     if kind == "rms":
         return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=scale_init, name=name)

@@ -14,7 +14,8 @@ import numpy as np
 
 from clippy_jax.models.layers import Dtype, TransformerBlock, dense_init, layer_norm
 
-# name: (embed, depth, num_heads, head_dim, mlp_dim) of the encoder.
+# name: (embed, depth, num_heads, head_dim, mlp_dim) of the encoder: HF's t5-small/base/large configs
+# (d_model, num_layers, num_heads, d_kv, d_ff); 'tiny' is ours, for tests.
 T5_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (64, 2, 4, 16, 128),
     "small": (512, 6, 8, 64, 2048),
@@ -23,7 +24,7 @@ T5_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
 }
 # variant: MLP activations (t5x's `mlp_activations`).
 T5_VARIANTS: dict[str, tuple[str, ...]] = {"t5_1_0": ("relu",), "t5_1_1": ("gelu_tanh", "linear")}
-# T5.1.1 changes the shapes of some presets (gated MLP, and a deeper small model).
+# T5.1.1 changes the shapes of some presets (gated MLP, and a deeper small model): google/t5-v1_1-*.
 T5_1_1_PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (64, 2, 4, 16, 128),
     "small": (512, 8, 6, 64, 1024),
@@ -36,7 +37,7 @@ def relative_position_bucket(
     relative_position: np.ndarray, num_buckets: int = 32, max_distance: int = 128
 ) -> np.ndarray:
     """t5x's bidirectional bucketing of (key - query) offsets: half the buckets per sign, exact
-    buckets for small offsets and logarithmic ones up to `max_distance`."""
+    buckets for small offsets and logarithmic ones up to `max_distance` (equal to HF's buckets)."""
     num_buckets //= 2
     bucket = (relative_position > 0).astype(np.int32) * num_buckets
     n = np.abs(relative_position)
@@ -49,7 +50,10 @@ def relative_position_bucket(
 
 
 class RelativePositionBiases(nn.Module):
-    """Per-head learned bias indexed by the relative-position bucket: [1, H, L, L]."""
+    """Per-head learned bias indexed by the relative-position bucket: [1, H, L, L].
+
+    Computed once per forward and shared by every layer (t5x; HF keeps it in the first layer).
+    """
 
     num_heads: int
     num_buckets: int = 32
@@ -81,12 +85,14 @@ class T5Encoder(nn.Module):
     activations: Sequence[str] = ("relu",)
     num_buckets: int = 32
     max_distance: int = 128
+    epsilon: float = 1e-6
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        """tokens: [B, L] int ids -> [B, L, D]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embedder = nn.Embed(
             self.vocab_size,
@@ -105,6 +111,7 @@ class T5Encoder(nn.Module):
             activations=tuple(self.activations),
             num_buckets=self.num_buckets,
             max_distance=self.max_distance,
+            epsilon=self.epsilon,
             remat=self.remat,
             name="encoder",
             **kw,
@@ -119,6 +126,7 @@ class _T5Stack(nn.Module):
     activations: Sequence[str]
     num_buckets: int
     max_distance: int
+    epsilon: float
     remat: bool
     dtype: Dtype
     param_dtype: Dtype
@@ -141,10 +149,12 @@ class _T5Stack(nn.Module):
                 activations=self.activations,
                 use_bias=False,
                 scale_logits=False,
+                epsilon=self.epsilon,
                 name=f"layers_{i}",
                 **kw,
             )(x, bias)
-        return layer_norm("rms", name="encoder_norm", **kw)(x)
+        x = layer_norm("rms", name="encoder_norm", epsilon=self.epsilon, **kw)(x)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 def t5_config(size: str, variant: str = "t5_1_1") -> dict:

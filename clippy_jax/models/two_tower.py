@@ -1,7 +1,10 @@
 """The CLIPpy two-tower model: ViT image tower and T5 text tower, pooled, projected, L2-normalised.
 
-The image embedding is `project(pool(tokens))`; the per-location embeddings used for top-down
-segmentation and bottom-up grouping are `project(token)` for every patch token.
+The image embedding is `project(norm(pool(tokens)))` (the norm is the ViT's post-pool norm, or the
+identity when the ViT normalises before pooling); the per-location embeddings used for top-down
+segmentation and bottom-up grouping are `project(norm(token))` for every patch token. A
+text-conditioned head (TSP) pools those per-location embeddings once per text, giving image
+embeddings [B, T, E]; `pair_similarity` turns either form into [B, T] similarities.
 """
 
 from collections.abc import Mapping, Sequence
@@ -11,16 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clippy_jax.models.layers import Dtype, dense_init
+from clippy_jax.models.layers import Dtype, dense_init, l2_normalize
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
 from clippy_jax.models.t5 import T5Encoder
 from clippy_jax.models.vit import VisionTransformer
 
+__all__ = ["TwoTower", "l2_normalize", "pair_similarity"]
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Unit-norm along the last axis, in float32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+def pair_similarity(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
+    """[B, T] dot products of image embeddings [B, E] (or per-pair [B, T, E]) with text embeddings [T, E]."""
+    if image_emb.ndim == 3:
+        return jnp.einsum("ite,te->it", image_emb, text_emb, preferred_element_type=jnp.float32)
+    return jnp.einsum("ie,te->it", image_emb, text_emb, preferred_element_type=jnp.float32)
 
 
 class TwoTower(nn.Module):
@@ -33,6 +39,9 @@ class TwoTower(nn.Module):
       text_pool: name in `TEXT_POOLS` ('mean' is the paper's default).
       embed_dim: width of the joint embedding space (both towers are projected to it).
       temperature_init: initial softmax temperature tau; the model learns log(1 / tau).
+      pool_temperature: softmax temperature of the 'wmp' and 'tsp' heads (appendix Tab. 10).
+      project_image, project_text: whether a bias-free dense layer maps each tower to the joint
+        space; without it the tower width must equal `embed_dim` (the released CLIPpy image tower).
     """
 
     image: Mapping
@@ -41,6 +50,9 @@ class TwoTower(nn.Module):
     text_pool: str = "mean"
     embed_dim: int = 512
     temperature_init: float = 0.07
+    pool_temperature: float = 0.1
+    project_image: bool = True
+    project_text: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -48,22 +60,31 @@ class TwoTower(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.image_tower = VisionTransformer(**self.image, **kw)
         self.text_tower = T5Encoder(**self.text, **kw)
-        self.image_pool_fn = lookup(IMAGE_POOLS, self.image_pool, "model.image_pool")
+        self.image_pool_head = lookup(IMAGE_POOLS, self.image_pool, "model.image_pool")
         self.text_pool_fn = lookup(TEXT_POOLS, self.text_pool, "model.text_pool")
+        for name, enabled, width in (
+            ("image", self.project_image, self.image_tower.width),
+            ("text", self.project_text, self.text_tower.embed_dim),
+        ):
+            if not enabled and width != self.embed_dim:
+                raise ValueError(
+                    f"model.project_{name}=False needs the {name} tower width ({width}) to equal "
+                    f"model.embed_dim ({self.embed_dim})."
+                )
 
         def projection() -> nn.Dense:
-            return nn.Dense(
-                self.embed_dim,
-                use_bias=False,
-                kernel_init=dense_init(("embed", "joint_embed")),
-                **kw,
-            )
+            return nn.Dense(self.embed_dim, use_bias=False, kernel_init=dense_init(("embed", "joint_embed")), **kw)
 
-        self.image_projection = projection()
-        self.text_projection = projection()
+        if self.project_image:
+            self.image_projection = projection()
+        if self.project_text:
+            self.text_projection = projection()
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(np.log(1.0 / self.temperature_init)), (), jnp.float32
         )
+
+    def _to_joint(self, features: jax.Array, projection: str, enabled: bool) -> jax.Array:
+        return getattr(self, projection)(features) if enabled else features
 
     def encode_image(
         self,
@@ -73,28 +94,48 @@ class TwoTower(nn.Module):
         patch_indices: jax.Array | None = None,
         grid_shape: Sequence[int] | None = None,
         dense: bool = False,
+        text_emb: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Returns the unit image embedding [B, E], and with `dense` also per-location ones [B, N, E]."""
+        """Returns the unit image embedding [B, E] (or [B, T, E] for a text-conditioned head, which
+        needs `text_emb` [T, E]), and with `dense` also the per-location ones [B, N, E]."""
         tokens, cls = self.image_tower(images, patches=patches, patch_indices=patch_indices, grid_shape=grid_shape)
-        pooled = l2_normalize(self.image_projection(self.image_pool_fn(tokens, cls)))
+        head = self.image_pool_head
+        per_location = None
+        if dense or head.text_conditioned:
+            per_location = self._to_joint(self.image_tower.pool_norm(tokens), "image_projection", self.project_image)
+        if head.text_conditioned:
+            if text_emb is None:
+                raise ValueError(f"model.image_pool={self.image_pool!r} pools per text: pass `text_emb` [T, E].")
+            pooled = head.fn(per_location, cls, self.pool_temperature, text_emb)  # [B, T, E]
+        else:
+            pooled = head.fn(tokens, cls, self.pool_temperature)  # [B, D]
+            pooled = self._to_joint(self.image_tower.pool_norm(pooled), "image_projection", self.project_image)
+        pooled = l2_normalize(pooled)
         if not dense:
             return pooled
-        return pooled, l2_normalize(self.image_projection(tokens))
+        return pooled, l2_normalize(per_location)
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """Token ids [B, L] (0 = padding) -> unit text embedding [B, E]."""
-        features = self.text_tower(tokens)
-        return l2_normalize(self.text_projection(self.text_pool_fn(features, tokens > 0)))
+        pooled = self.text_pool_fn(self.text_tower(tokens), tokens > 0)  # [B, D]
+        return l2_normalize(self._to_joint(pooled, "text_projection", self.project_text))
 
     def __call__(
         self, batch: Mapping[str, jax.Array], grid_shape: Sequence[int] | None = None
     ) -> dict[str, jax.Array]:
         """batch: `tokens` [B, L] and either `image` [B, H, W, 3] or `patches` [B, K, p*p*3] with
-        `patch_indices` [B, K] taken from a `grid_shape` (gh, gw) grid."""
+        `patch_indices` [B, K] taken from a `grid_shape` (gh, gw) grid.
+
+        Returns `image_emb` [B, E] ([B, B, E] for a text-conditioned head: image i pooled for text j),
+        `text_emb` [B, E] and `logit_scale`; `pair_similarity` gives the [B, B] similarities of both forms.
+        """
+        text_emb = self.encode_text(batch["tokens"])
+        conditioning = text_emb if self.image_pool_head.text_conditioned else None
         if "patches" in batch:
             image_emb = self.encode_image(
-                patches=batch["patches"], patch_indices=batch["patch_indices"], grid_shape=grid_shape
+                patches=batch["patches"], patch_indices=batch["patch_indices"], grid_shape=grid_shape,
+                text_emb=conditioning,
             )
         else:
-            image_emb = self.encode_image(batch["image"])
-        return dict(image_emb=image_emb, text_emb=self.encode_text(batch["tokens"]), logit_scale=self.logit_scale)
+            image_emb = self.encode_image(batch["image"], text_emb=conditioning)
+        return dict(image_emb=image_emb, text_emb=text_emb, logit_scale=self.logit_scale)

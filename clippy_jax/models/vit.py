@@ -2,6 +2,12 @@
 
 Patches are embedded by one dense layer over flattened `(p1 p2 c)` pixels, which equals timm's
 strided convolution and also accepts pre-patchified inputs from the pipeline's patch dropping.
+Learned position embeddings are stored at `posemb_grid` and resampled to any input grid with
+timm's interpolation, so a 224-trained model runs at 448 (784 tokens) or at non-square sizes.
+
+Tree: `embedding/{kernel,bias}`, `pos_embedding`, `cls`, `encoderblock_N/{pre_attention_layer_norm,
+attention/{query,key,value,out},pre_mlp_layer_norm,mlp/{wi,wo}}`, then `encoder_norm` (norm before
+pooling, timm's `norm`) or `fc_norm` (norm after pooling, timm's `fc_norm` for avg/max pooling).
 """
 
 from collections.abc import Sequence
@@ -21,6 +27,9 @@ VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "B": (768, 12, 3072, 12),
     "L": (1024, 24, 4096, 16),
 }
+# 'pre_pool': final norm on every token, then pooling (timm's `norm`, big_vision); 'post_pool': pooling,
+# then the norm on the pooled vector and on each dense token (timm's `fc_norm` when global_pool is avg/max).
+NORM_PLACEMENTS = ("pre_pool", "post_pool")
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -33,7 +42,12 @@ class VisionTransformer(nn.Module):
 
     Attributes:
       posemb_grid: the grid the learned position embeddings are stored at; other grids are
-        resampled on the fly (timm's bicubic resampling).
+        resampled on the fly (timm's antialiased bicubic resampling).
+      use_cls_token: prepend a learned CLS token (timm's cls position embedding is folded into it).
+      norm_placement: one of `NORM_PLACEMENTS`; with 'post_pool' the returned tokens are not yet
+        normalised and `pool_norm` must be applied after pooling (and to dense per-location tokens).
+      remat: rematerialise each block in the backward pass (saves activation memory).
+      dtype: compute dtype (e.g. bfloat16); param_dtype: storage dtype of the parameters.
     """
 
     patch_size: int = 16
@@ -43,12 +57,49 @@ class VisionTransformer(nn.Module):
     num_heads: int = 12
     posemb_grid: Sequence[int] = (14, 14)
     use_cls_token: bool = True
-    final_norm: bool = True
+    norm_placement: str = "pre_pool"
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(f"Unknown norm_placement={self.norm_placement!r}; choose from {NORM_PLACEMENTS}.")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embedding = nn.Dense(
+            self.width,
+            kernel_init=dense_init((None, "embed"), nn.initializers.lecun_normal()),
+            bias_init=dense_init(("embed",), nn.initializers.zeros),
+            **kw,
+        )
+        self.pos_embedding = self.param(
+            "pos_embedding",
+            dense_init((None, "length", "embed"), nn.initializers.normal(stddev=0.02)),
+            (1, self.posemb_grid[0] * self.posemb_grid[1], self.width),
+            self.param_dtype,
+        )
+        if self.use_cls_token:
+            self.cls = self.param(
+                "cls", dense_init((None, None, "embed"), nn.initializers.normal(stddev=1e-6)), (1, 1, self.width),
+                self.param_dtype,
+            )
+        block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+        self.encoderblock = [
+            block(
+                num_heads=self.num_heads,
+                head_dim=self.width // self.num_heads,
+                mlp_dim=self.mlp_dim,
+                norm="layer",
+                activations=("gelu",),
+                **kw,
+            )
+            for _ in range(self.depth)
+        ]
+        if self.norm_placement == "pre_pool":
+            self.encoder_norm = layer_norm("layer", **kw)
+        else:
+            self.fc_norm = layer_norm("layer", **kw)
+
     def __call__(
         self,
         images: jax.Array | None = None,
@@ -70,64 +121,43 @@ class VisionTransformer(nn.Module):
         Returns:
           (tokens [B, K or gh*gw, D] patch features, cls [B, D] or None).
         """
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if images is not None:
             grid_shape = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
             patches = patchify(images, self.patch_size)
         elif patches is None or grid_shape is None or patch_indices is None:
             raise ValueError("Pass `images`, or `patches` together with `patch_indices` and `grid_shape`.")
-        x = nn.Dense(
-            self.width,
-            kernel_init=dense_init((None, "embed"), nn.initializers.lecun_normal()),
-            bias_init=dense_init(("embed",), nn.initializers.zeros),
-            name="embedding",
-            **kw,
-        )(patches.astype(self.dtype))  # [B, N, D]
-        posemb = self.param(
-            "pos_embedding",
-            dense_init((None, "length", "embed"), nn.initializers.normal(stddev=0.02)),
-            (1, self.posemb_grid[0] * self.posemb_grid[1], self.width),
-            self.param_dtype,
-        )
-        posemb = resample_grid(posemb, tuple(self.posemb_grid), tuple(grid_shape))  # [1, gh*gw, D]
+        x = self.embedding(patches.astype(self.dtype))  # [B, N, D]
+        posemb = resample_grid(self.pos_embedding, tuple(self.posemb_grid), tuple(grid_shape))  # [1, gh*gw, D]
         if images is not None:
             x = x + posemb.astype(self.dtype)
             if patch_indices is not None:
-                x = jnp.take_along_axis(x, patch_indices[..., None], axis=1)
+                x = jnp.take_along_axis(x, patch_indices[..., None], axis=1)  # [B, K, D]
         else:
             x = x + jnp.take(posemb[0], patch_indices, axis=0).astype(self.dtype)
 
         num_prefix = 0
         if self.use_cls_token:
-            cls = self.param(
-                "cls", dense_init((None, None, "embed"), nn.initializers.normal(stddev=1e-6)), (1, 1, self.width),
-                self.param_dtype,
-            )
-            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)).astype(self.dtype), x], axis=1)
+            cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, self.width)).astype(self.dtype)
+            x = jnp.concatenate([cls, x], axis=1)  # [B, 1 + K, D]
             num_prefix = 1
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-        block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
-        for i in range(self.depth):
-            x = block(
-                num_heads=self.num_heads,
-                head_dim=self.width // self.num_heads,
-                mlp_dim=self.mlp_dim,
-                norm="layer",
-                activations=("gelu",),
-                name=f"encoderblock_{i}",
-                **kw,
-            )(x)
-        if self.final_norm:
-            x = layer_norm("layer", name="encoder_norm", **kw)(x)
+        for block in self.encoderblock:
+            x = block(x)
+        if self.norm_placement == "pre_pool":
+            x = self.encoder_norm(x)
         cls_out = x[:, 0] if num_prefix else None
         return x[:, num_prefix:], cls_out
+
+    def pool_norm(self, x: jax.Array) -> jax.Array:
+        """The norm after pooling ('post_pool' placement), for pooled [B, D] or dense [B, N, D]
+        features; the identity with 'pre_pool' placement, where `__call__` already normalised."""
+        return self.fc_norm(x) if self.norm_placement == "post_pool" else x
 
 
 def vit_config(variant: str) -> dict[str, int]:
     """Keyword arguments of `VisionTransformer` for a name like 'B/16' (presets Ti, S, B, L)."""
-    size, patch = variant.split("/")
-    if size not in VIT_PRESETS:
-        raise ValueError(f"Unknown ViT size {size!r} in {variant!r}; choose from {sorted(VIT_PRESETS)}.")
+    size, _, patch = variant.partition("/")
+    if size not in VIT_PRESETS or not patch.isdigit():
+        raise ValueError(f"Unknown ViT variant {variant!r}; use SIZE/PATCH with SIZE in {sorted(VIT_PRESETS)}.")
     width, depth, mlp_dim, num_heads = VIT_PRESETS[size]
     return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads, patch_size=int(patch))
