@@ -35,12 +35,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = dict(
-        source="synthetic",
+        source="synthetic",  # or img2dataset_tfrecord | webdataset | tfds (clippy_jax/data/README.md)
         train_pattern="",
         eval_pattern="",
         tokenizer_path="",
-        image_key="jpg",
-        text_key="txt",
+        image_key="jpg",  # comma-separated alternatives, first present wins (e.g. "jpg,png")
+        text_key="txt",  # comma-separated caption features, one drawn per example (e.g. "captions/text")
+        tfds_name="",  # source=tfds: e.g. "coco_captions"
+        tfds_data_dir="",
+        tfds_split="train",
+        crop="random",  # random | center crop of the longer side
         image_size=64,
         patch_size=8,
         keep_ratio=1.0,  # the demo keeps every patch; the paper drops 80% at 2x resolution
@@ -96,6 +100,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         checkpoint_every=250 if options["size"] == "demo" else 3,
         keep_checkpoints=2,
         max_logit_scale=math.log(100.0),  # CLIP clips 1 / tau at 100
+        loss_block_size=0,  # > 0: similarity matrix in blocks of this many columns per device
         on_nonfinite="stop",  # or "skip": leave the update out and go on
         profile_steps=0,  # > 0: capture a profiler trace of this many steps
         profile_first_step=10,  # steps after the start (or resume) at which the capture begins

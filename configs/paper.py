@@ -71,6 +71,7 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         checkpoint_every=2000,
         keep_checkpoints=3,
         max_logit_scale=math.log(100.0),
+        loss_block_size=1024,  # the [B, B] similarity matrix in column blocks per device
         on_nonfinite="stop",
         profile_steps=0,
         profile_first_step=10,

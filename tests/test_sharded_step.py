@@ -42,7 +42,7 @@ def _batches(steps: int) -> list[dict[str, np.ndarray]]:
     return batches
 
 
-def train(mesh_shape: tuple[int, int, int], steps: int):
+def train(mesh_shape: tuple[int, int, int], steps: int, loss_block_size: int = 0):
     """Runs `steps` steps on fixed batches; with several processes, each feeds its slice of the batch."""
     model_config, optim_config = _configs()
     model = build_model(model_config)
@@ -53,7 +53,8 @@ def train(mesh_shape: tuple[int, int, int], steps: int):
     rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     batches = [{k: v[rows] for k, v in batch.items()} for batch in _batches(steps)]
     state, shardings = create_train_state(model, tx, batch_spec(batches[0], jax.process_count()), mesh, seed=0)
-    step_fn = make_train_step(model, tx, schedule, shardings, mesh, max_logit_scale=np.log(100.0))
+    step_fn = make_train_step(model, tx, schedule, shardings, mesh, max_logit_scale=np.log(100.0),
+                              loss_block_size=loss_block_size)
     losses = []
     with jax.set_mesh(mesh):
         for batch in batches:
@@ -68,10 +69,11 @@ def single_device():
     return losses, jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
-def test_meshes_match_one_device(single_device, mesh_shape):
+@pytest.mark.parametrize(("mesh_shape", "loss_block_size"), [((8, 1, 1), 0), ((2, 4, 1), 0), ((2, 2, 2), 0),
+                                                              ((2, 2, 2), 4)])
+def test_meshes_match_one_device(single_device, mesh_shape, loss_block_size):
     assert jax.device_count() == 8
-    losses, state = train(mesh_shape, steps=3)
+    losses, state = train(mesh_shape, steps=3, loss_block_size=loss_block_size)
     ref_losses, ref_params = single_device
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     params = jax.device_get(state.params)

@@ -96,7 +96,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_hparams(_flatten(config))
     skip_nonfinite = config.train.on_nonfinite == "skip"
     train_step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale,
-                                 grid_shape, skip_nonfinite)
+                                 grid_shape, skip_nonfinite, config.train.loss_block_size)
     hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.train.log_every)]
     if config.train.profile_steps and jax.process_index() == 0:

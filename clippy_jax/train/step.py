@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from clippy_jax.train import sharding
-from clippy_jax.train.loss import contrastive_loss
+from clippy_jax.train.loss import blocked_contrastive_loss, contrastive_loss
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -69,8 +69,12 @@ def make_train_step(
     max_logit_scale: float,
     grid_shape: Sequence[int] | None = None,
     skip_nonfinite: bool = False,
+    loss_block_size: int = 0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Returns the jitted step (state, global batch) -> (state, metrics); the state is donated.
+
+    With `loss_block_size` > 0 the similarity matrix is computed in column blocks per device
+    (`blocked_contrastive_loss`), for global batches whose [B, B] matrix would not fit.
 
     `metrics["nonfinite"]` is 1 when the loss or the gradients hold a NaN or Inf; with
     `skip_nonfinite` such an update is not applied (the step counter still advances).
@@ -80,6 +84,9 @@ def make_train_step(
         def loss_fn(params):
             with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
                 out = model.apply({"params": params}, batch, grid_shape)
+            if loss_block_size:
+                return blocked_contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
+                                                max_logit_scale, mesh, sharding.BATCH_AXES, loss_block_size)
             return contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"], max_logit_scale)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
