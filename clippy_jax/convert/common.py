@@ -224,9 +224,10 @@ def merge_pretrained(params: Mapping, pretrained: Mapping, strict: bool = True) 
     Within the top-level entries that `pretrained` provides, every model parameter must be present
     with the same shape and no extra keys may appear; otherwise CheckpointMismatchError names them,
     unless `strict=False`, which loads the matching keys and keeps the rest as initialised. Leaves
-    take the dtype (and, for jax.Arrays, the sharding) of the parameter they replace.
+    take the dtype (and, for jax.Arrays, the sharding) of the parameter they replace; logically
+    partitioned (boxed) parameters from `model.init` are unboxed.
     """
-    flat_params = traverse_util.flatten_dict(params, sep="/")
+    flat_params = traverse_util.flatten_dict(nn.unbox(params), sep="/")
     flat_pretrained = traverse_util.flatten_dict(pretrained, sep="/")
     covered = {path.split("/")[0] for path in flat_pretrained}
     report = KeyReport(
