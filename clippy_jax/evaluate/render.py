@@ -49,8 +49,24 @@ def segmentation_overlay(
         ax.imshow(np.clip(panel, 0, 1), interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    shown = np.unique(np.concatenate([prediction.ravel(), [] if truth is None else truth.ravel()]))
+    shown = np.union1d(prediction, prediction if truth is None else truth).astype(np.int64)
     handles = [Patch(color=colors[c], label=class_names[c]) for c in shown if c < len(class_names)]
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
     fig.subplots_adjust(left=0.01, right=0.78, wspace=0.05)
+    return figure_to_array(fig)
+
+
+def classification_figure(
+    image: np.ndarray, names: Sequence[str], probabilities: np.ndarray, top: int = 5
+) -> np.ndarray:
+    """uint8 RGB figure: the image and a bar chart of its `top` most probable labels."""
+    order = np.argsort(-probabilities)[:top]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(5.6, 2.4), dpi=80, gridspec_kw=dict(width_ratios=(1, 1.3)))
+    left.imshow(image, interpolation="nearest")
+    left.axis("off")
+    right.barh(np.arange(len(order))[::-1], probabilities[order], color=palette(len(order) + 1)[1:])
+    right.set_yticks(np.arange(len(order))[::-1], [names[i] for i in order], fontsize=7)
+    right.set_xlim(0, 1)
+    right.tick_params(axis="x", labelsize=7)
+    fig.subplots_adjust(left=0.02, right=0.98, wspace=0.6)
     return figure_to_array(fig)

@@ -1,35 +1,50 @@
-"""Runs the configured evaluations and reports them: CLU scalars and overlay images, and
-`results.json` / `results.md` in the workdir."""
+"""Runs the configured evaluations and reports them: CLU scalars, markdown tables as text and overlay
+images, and `results.json` / `results.md` (one section per evaluator) in the workdir.
+
+`config.eval.evaluators` names the evaluations to run. A name with settings in `config.eval.tasks`
+runs the evaluator `tasks[name].kind` with them (e.g. `voc_448 = dict(kind="segmentation",
+dataset="voc2012_seg", input_size=(448, 448))`); otherwise the name is the evaluator itself.
+"""
 
 import json
 import os
 
 import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from clu import metric_writers
 
-from clippy_jax.data import demo_data, synthetic
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.evaluate.segmentation import SegmentationResult, evaluate_segmentation
+from clippy_jax.evaluate import classification, engine, grouping, segmentation, waterbirds
+from clippy_jax.train import sharding
+
+EVALUATORS = {
+    "synthetic_segmentation": segmentation.synthetic_segmentation,
+    "segmentation": segmentation.segmentation,
+    "grouping": grouping.bottom_up,
+    "unsupervised_segmentation": grouping.unsupervised_segmentation,
+    "classification": classification.classification,
+    "waterbirds": waterbirds.waterbirds,
+}
 
 
-def synthetic_segmentation(config, model, params, tokenizer, data_config) -> SegmentationResult:
-    """Top-down zero-shot segmentation and largest-object classification on the demo's held-out split."""
-    split = demo_data.load_eval_split(data_config.eval_pattern)
-    class_names = ["background"] + [c.name for c in synthetic.CATEGORIES]
-    prompts = [list(synthetic.BACKGROUND_NAMES)] + [list(c.synonyms) for c in synthetic.CATEGORIES]
-    return evaluate_segmentation(
-        model, params, tokenizer, split["image"], split["segmentation"], class_names, prompts,
-        patch_size=config.model.image.patch_size, batch_size=config.eval.batch_size,
-        mean=data_config.mean, std=data_config.std, image_labels=split["largest_label"] + 1,
-        num_overlays=config.eval.num_overlays,
-    )
-
-
-EVALUATORS = {"synthetic_segmentation": synthetic_segmentation}
+def resolve_tasks(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+    """(name, task settings with `kind`) for every entry of `config.eval.evaluators`."""
+    tasks = config.eval.get("tasks") or {}
+    resolved = []
+    for name in config.eval.evaluators:
+        task = ml_collections.ConfigDict(tasks[name].to_dict() if name in tasks else {})
+        task.kind = task.get("kind", name)
+        if task.kind not in EVALUATORS:
+            raise ValueError(
+                f"Unknown evaluator {task.kind!r} for config.eval.evaluators entry {name!r}; choose one of "
+                f"{sorted(EVALUATORS)} or name a task of config.eval.tasks ({sorted(tasks)})."
+            )
+        resolved.append((name, task))
+    return resolved
 
 
 def run_evaluations(
@@ -42,25 +57,25 @@ def run_evaluations(
     workdir: str,
     step: int,
 ) -> dict:
-    """Runs `config.eval.evaluators`, logs them at `step` and writes the results files."""
+    """Runs `config.eval.evaluators`, logs them at `step` and writes the results files.
+
+    Returns {name: summary} (the `evaluations` of `results.json`)."""
+    ctx = engine.EvalContext(config, model, params, tokenizer, data_config, sharding.make_mesh(config.mesh))
     results = {}
-    for name in config.eval.evaluators:
-        if name not in EVALUATORS:
-            raise ValueError(f"Unknown config.eval.evaluators entry {name!r}; choose from {sorted(EVALUATORS)}.")
-        result = EVALUATORS[name](config, model, params, tokenizer, data_config)
-        scalars = {f"{name}/miou": result.miou}
-        scalars.update({f"{name}/iou/{k}": v for k, v in result.per_class_iou.items() if not np.isnan(v)})
-        if result.classification_accuracy is not None:
-            scalars[f"{name}/classification_accuracy"] = result.classification_accuracy
-        writer.write_scalars(step, scalars)
+    sections = {}
+    for name, task in resolve_tasks(config):
+        result = EVALUATORS[task.kind](ctx, task)
+        writer.write_scalars(step, {f"{name}/{k}": v for k, v in result.scalars.items()})
+        if result.tables:
+            writer.write_texts(step, {f"{name}/{k}": v for k, v in result.tables.items()})
         if result.overlays:
             writer.write_images(step, {f"{name}/overlays": np.stack(_pad_to_same(result.overlays))})
-        results[name] = dict(
-            miou=result.miou, per_class_iou=result.per_class_iou,
-            classification_accuracy=result.classification_accuracy,
-        )
-        logging.info("%s: mIoU %.4f, classification accuracy %s", name, result.miou, result.classification_accuracy)
-    write_results(workdir, dict(step=step, image_pool=config.model.image_pool, evaluations=results))
+        results[name] = result.summary
+        sections[name] = result
+        logging.info("%s: %s", name, "; ".join(line.lstrip("- ") for line in result.headline))
+    writer.flush()
+    if jax.process_index() == 0:
+        write_results(workdir, dict(step=step, image_pool=model.image_pool, evaluations=results), sections)
     return results
 
 
@@ -70,18 +85,15 @@ def _pad_to_same(images: list[np.ndarray]) -> list[np.ndarray]:
     return [np.pad(i, ((0, h - i.shape[0]), (0, w - i.shape[1]), (0, 0)), constant_values=255) for i in images]
 
 
-def write_results(workdir: str, results: dict) -> None:
-    """`results.json` and a markdown table `results.md` in the workdir."""
+def write_results(workdir: str, results: dict, sections: dict[str, engine.EvalResult]) -> None:
+    """`results.json` and `results.md` (one section per evaluator: headline, then tables) in the workdir."""
+    tf.io.gfile.makedirs(workdir)
     with tf.io.gfile.GFile(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     lines = [f"# Results at step {results['step']} (image pool: {results['image_pool']})", ""]
-    for name, result in results["evaluations"].items():
-        lines += [f"## {name}", "", f"- mIoU: {result['miou']:.4f}"]
-        if result.get("classification_accuracy") is not None:
-            accuracy = result["classification_accuracy"]
-            lines.append(f"- zero-shot classification accuracy (largest object): {accuracy:.4f}")
-        lines += ["", "| class | IoU |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in result["per_class_iou"].items()]
-        lines.append("")
+    for name, result in sections.items():
+        lines += [f"## {name}", "", *result.headline, ""]
+        for title, table in result.tables.items():
+            lines += [f"### {title}", "", table, ""]
     with tf.io.gfile.GFile(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines))

@@ -1,76 +1,103 @@
-"""Top-down zero-shot semantic segmentation (paper D.5): per-location similarity to one embedding
-per label (the mean over its prompts), bilinear upsampling to label resolution, argmax, and mIoU
-from a confusion matrix with 255 ignored. Also classifies each image from its pooled embedding."""
+"""Top-down zero-shot semantic segmentation (paper D.5, appendix I): per-location similarity to one
+embedding per label (the normalised mean over its prompts), bilinear upsampling to label resolution,
+argmax, and mIoU from a confusion matrix with 255 ignored. The demo's evaluator also classifies each
+image (its largest object) from its pooled embedding."""
 
-import dataclasses
 from collections.abc import Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.evaluate import zero_shot
-from clippy_jax.evaluate.metrics import Accuracy, ConfusionMatrix, iou_from_confusion
+from clippy_jax.data import demo_data, synthetic
+from clippy_jax.evaluate import engine, zero_shot
+from clippy_jax.evaluate.geometry import Geometry
+from clippy_jax.evaluate.metrics import (
+    Accuracy,
+    ConfusionMatrix,
+    iou_from_confusion,
+    merge_across_hosts,
+    pixel_accuracy,
+)
 from clippy_jax.evaluate.render import segmentation_overlay
 
 
-@dataclasses.dataclass
-class SegmentationResult:
-    miou: float
-    per_class_iou: dict[str, float]
-    classification_accuracy: float | None
-    overlays: list[np.ndarray]
-
-
-def evaluate_segmentation(
-    model: nn.Module,
-    params,
-    tokenizer: Tokenizer,
-    images: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    prompts: Sequence[Sequence[str]],
-    patch_size: int,
-    batch_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    image_labels: np.ndarray | None = None,
-    num_overlays: int = 0,
-) -> SegmentationResult:
-    """Zero-shot segmentation of `images` uint8 [N, H, W, 3] against `labels` uint8 [N, H, W].
-
-    `prompts[c]` lists the prompts of class c (class 0 is the background in the demo and VOC).
-    With `image_labels` [N] (classes 1..C-1), also reports image-level zero-shot accuracy of the
-    pooled embedding against the foreground labels.
-    """
-    num_classes = len(class_names)
-    label_emb = zero_shot.label_embeddings(model, params, tokenizer, prompts)  # [C, E]
-    encode = zero_shot.make_dense_encoder(model, patch_size)
-
-    @jax.jit
-    def predict(params, images):
-        pooled, dense = encode(params, images)
-        seg = zero_shot.segmentation_logits(dense, label_emb, images.shape[1:3]).argmax(-1)
-        return seg, jnp.einsum("be,ce->bc", pooled, label_emb[1:])
-
-    normalized = (images.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    confusion, accuracy, overlays = None, None, []
-    for start in range(0, len(images), batch_size):
-        batch = slice(start, start + batch_size)
-        seg, class_logits = predict(params, normalized[batch])
-        update = ConfusionMatrix.from_model_output(predictions=seg, labels=labels[batch], num_classes=num_classes)
-        confusion = update if confusion is None else confusion.merge(update)
-        if image_labels is not None:
-            acc = Accuracy.from_model_output(logits=class_logits, labels=jnp.asarray(image_labels[batch]) - 1)
-            accuracy = acc if accuracy is None else accuracy.merge(acc)
-        for i in range(min(num_overlays - len(overlays), len(seg))):
-            overlays.append(segmentation_overlay(images[start + i], labels[start + i], np.asarray(seg[i]), class_names))
-    miou, iou = iou_from_confusion(confusion.compute())
-    return SegmentationResult(
-        miou=miou,
-        per_class_iou={name: float(v) for name, v in zip(class_names, iou)},
-        classification_accuracy=None if accuracy is None else accuracy.compute(),
+def iou_result(confusion: ConfusionMatrix, class_names: Sequence[str], overlays: list[np.ndarray],
+               **summary) -> engine.EvalResult:
+    """mIoU, pixel accuracy and the per-class IoU table of a square confusion matrix."""
+    matrix = confusion.compute()
+    miou, iou = iou_from_confusion(matrix)
+    per_class = {name: float(v) for name, v in zip(class_names, iou)}
+    accuracy = pixel_accuracy(matrix)
+    scalars = {"miou": miou, "pixel_accuracy": accuracy}
+    scalars.update({f"iou/{k}": v for k, v in per_class.items() if not np.isnan(v)})
+    return engine.EvalResult(
+        summary=dict(miou=miou, pixel_accuracy=accuracy, per_class_iou=per_class, **summary),
+        scalars=scalars,
+        headline=[f"- mIoU: {miou:.4f}", f"- pixel accuracy: {accuracy:.4f}"],
+        tables={"per_class_iou": engine.markdown_table(["class", "IoU"], list(per_class.items()))},
         overlays=overlays,
     )
+
+
+def top_down(
+    ctx: engine.EvalContext, examples: engine.Examples, class_names: Sequence[str],
+    prompts: Sequence[Sequence[str]], geometry: Geometry, num_overlays: int, desc: str,
+) -> tuple[ConfusionMatrix, Accuracy, list[np.ndarray]]:
+    """Zero-shot segmentation of `examples` ({"image", "label"} and, for image-level accuracy,
+    "image_label": the index of the image's class among classes 1..C-1).
+
+    Returns the confusion matrix and image-level accuracy merged over hosts, and this host's overlays.
+    """
+    num_classes = len(class_names)
+    label_emb = zero_shot.label_embeddings(ctx.model, ctx.params, ctx.tokenizer, prompts)  # [C, E]
+
+    def predict(params, images, label_emb):
+        logits, dense = zero_shot.encode_image(ctx.model, params, images, label_emb)
+        return {"scores": zero_shot.location_logits(dense, label_emb), "logits": logits}
+
+    confusion = ConfusionMatrix(matrix=np.zeros((num_classes, num_classes), np.int64))
+    accuracy = Accuracy(correct=np.int64(0), total=np.int64(0))
+    overlays = []
+    predictions = engine.dense_predictions(ctx, examples, geometry, predict, label_emb, desc=desc)
+    for example, prediction, outputs in predictions:
+        confusion = confusion.merge(
+            ConfusionMatrix.from_model_output(predictions=prediction, labels=example["label"], num_classes=num_classes)
+        )
+        if "image_label" in example:
+            accuracy = accuracy.merge(Accuracy.from_model_output(
+                logits=outputs["logits"][None, 1:], labels=np.asarray([example["image_label"]])
+            ))
+        if len(overlays) < num_overlays:
+            overlays.append(segmentation_overlay(example["image"], example["label"], prediction, class_names))
+    return merge_across_hosts(confusion), merge_across_hosts(accuracy), overlays
+
+
+def synthetic_segmentation(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engine.EvalResult:
+    """Top-down zero-shot segmentation and largest-object classification on the demo's held-out split."""
+    del task
+    split = demo_data.load_eval_split(ctx.data_config.eval_pattern)
+    class_names = ["background"] + [c.name for c in synthetic.CATEGORIES]
+    prompts = [list(synthetic.BACKGROUND_NAMES)] + [list(c.synonyms) for c in synthetic.CATEGORIES]
+    examples = engine.array_examples(
+        dict(image=split["image"], label=split["segmentation"], image_label=split["largest_label"])
+    )
+    confusion, accuracy, overlays = top_down(
+        ctx, examples, class_names, prompts, Geometry(input_size=split["image"].shape[1:3]),
+        ctx.config.eval.num_overlays, "synthetic",
+    )
+    result = iou_result(confusion, class_names, overlays, classification_accuracy=accuracy.compute())
+    result.scalars["classification_accuracy"] = accuracy.compute()
+    result.headline.append(f"- zero-shot classification accuracy (largest object): {accuracy.compute():.4f}")
+    return result
+
+
+def segmentation(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engine.EvalResult:
+    """Top-down zero-shot segmentation of a segmentation dataset (`task.dataset`) with the prompts
+    of `task.prompts` (default `prompts/<dataset>.txt`)."""
+    examples = engine.dataset_examples(ctx, task)
+    class_names = examples.info.metadata["class_names"]
+    prompts = zero_shot.read_label_prompts(task.get("prompts") or f"{task.dataset}.txt", class_names)
+    geometry = Geometry.from_config(task)
+    num_overlays = task.get("num_overlays", ctx.config.eval.num_overlays)
+    confusion, _, overlays = top_down(ctx, examples, class_names, prompts, geometry, num_overlays, task.dataset)
+    return iou_result(confusion, class_names, overlays, num_images=examples.num_global, geometry=str(geometry))

@@ -1,7 +1,8 @@
-"""Zero-shot heads shared by every evaluation: label embeddings from prompt lists, per-location
-segmentation logits and image-level classification logits."""
+"""Zero-shot heads shared by every evaluation: prompt files, label embeddings from prompt lists,
+image-level logits and per-location features of the image tower."""
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -9,38 +10,92 @@ import jax.numpy as jnp
 import numpy as np
 
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.models.two_tower import l2_normalize
+from clippy_jax.models.pooling import IMAGE_POOLS
+from clippy_jax.models.two_tower import l2_normalize, pair_similarity
+from clippy_jax.models.vit import VisionTransformer
+from clippy_jax.train import sharding
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+TEXT_BATCH_SIZE = 512
+
+
+def read_lines(filename: str) -> list[str]:
+    """Non-empty lines of a file in `prompts/` (or any path), without `#` comment lines."""
+    path = filename if os.path.sep in filename else os.path.join(PROMPTS_DIR, filename)
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
+def read_label_prompts(filename: str, class_names: Sequence[str]) -> list[list[str]]:
+    """Prompt lists in `class_names` order from a file of `class name: prompt, prompt, ...` lines
+    (the file may list more classes, e.g. all 133 COCO panoptic ones for a subset of them).
+
+    Prompts are kept as written, duplicates included (a duplicate weighs twice in the mean)."""
+    table = {}
+    for line in read_lines(filename):
+        name, sep, prompts = line.partition(": ")
+        if not sep or name in table:
+            raise ValueError(f"{filename}: malformed or repeated line {line!r}.")
+        table[name] = [p.strip() for p in prompts.split(",")]
+    missing = [c for c in class_names if c not in table]
+    if missing:
+        raise ValueError(f"{filename} has no prompts for the classes {missing}.")
+    return [table[c] for c in class_names]
+
+
+def patch_size(model: nn.Module) -> int:
+    return int(model.image.get("patch_size", VisionTransformer.patch_size))
+
+
+def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence[str],
+                 batch_size: int = TEXT_BATCH_SIZE) -> jax.Array:
+    """[T, E] unit text embeddings, encoded in jitted chunks of `batch_size` (the last one padded)."""
+
+    @jax.jit
+    def encode(params, tokens):
+        with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            return model.apply({"params": params}, tokens, method=model.encode_text)
+
+    tokens = tokenizer.encode(list(texts))  # [T, L]
+    if len(tokens) <= batch_size:
+        return encode(params, tokens)
+    chunks = []
+    for start in range(0, len(tokens), batch_size):
+        chunk = tokens[start:start + batch_size]
+        padded = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
+        chunks.append(encode(params, padded)[: len(chunk)])
+    return jnp.concatenate(chunks)
 
 
 def label_embeddings(
     model: nn.Module, params, tokenizer: Tokenizer, prompts: Sequence[Sequence[str]], templates: Sequence[str] = ("{}",)
 ) -> jax.Array:
     """[C, E]: each label is the normalised mean of the embeddings of its prompts x templates
-    (appendix I: "the average embedding across all prompts ... is associated with each label")."""
+    (appendix I: "the average embedding across all prompts ... is associated with each label";
+    CLIP's prompt ensembling for ImageNet)."""
     texts = [[t.format(p) for p in label_prompts for t in templates] for label_prompts in prompts]
-    flat = [text for group in texts for text in group]
-    emb = model.apply({"params": params}, jnp.asarray(tokenizer.encode(flat)), method=model.encode_text)  # [T, E]
+    emb = encode_texts(model, params, tokenizer, [text for group in texts for text in group])  # [T, E]
     bounds = np.cumsum([0] + [len(g) for g in texts])
     return jnp.stack([l2_normalize(emb[a:b].mean(axis=0)) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
-def make_dense_encoder(model: nn.Module, patch_size: int) -> Callable[[dict, jax.Array], tuple[jax.Array, jax.Array]]:
-    """Jitted (params, images [B, H, W, 3]) -> (pooled [B, E], dense [B, H/p, W/p, E])."""
+def encode_image(
+    model: nn.Module, params, images: jax.Array, label_emb: jax.Array | None = None
+) -> tuple[jax.Array | None, jax.Array]:
+    """(image-level logits [B, C] against unit label embeddings [C, E], or None without them; unit
+    per-location embeddings [B, H/p, W/p, E]) of normalised images [B, H, W, 3]. Text-conditioned
+    heads pool once per label (per-location embeddings do not depend on the labels)."""
+    conditioning = None
+    if IMAGE_POOLS[model.image_pool].text_conditioned:
+        conditioning = jnp.zeros((1, model.embed_dim), jnp.float32) if label_emb is None else label_emb
+    pooled, dense = model.apply(
+        {"params": params}, images, dense=True, text_emb=conditioning, method=model.encode_image
+    )
+    p = patch_size(model)
+    dense = dense.reshape(dense.shape[0], images.shape[1] // p, images.shape[2] // p, dense.shape[-1])
+    return (None if label_emb is None else pair_similarity(pooled, label_emb)), dense
 
-    @jax.jit
-    def encode(params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        pooled, dense = model.apply({"params": params}, images, dense=True, method=model.encode_image)
-        grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
-        return pooled, dense.reshape(dense.shape[0], *grid, dense.shape[-1])
 
-    return encode
-
-
-def segmentation_logits(dense: jax.Array, label_emb: jax.Array, output_shape: Sequence[int]) -> jax.Array:
-    """Per-location cosine similarity to each label, bilinearly upsampled.
-
-    dense: [B, h, w, E] unit embeddings; label_emb: [C, E]; output_shape: (H, W).
-    Returns [B, H, W, C].
-    """
-    logits = jnp.einsum("bhwe,ce->bhwc", dense, label_emb)
-    return jax.image.resize(logits, (logits.shape[0], *output_shape, logits.shape[-1]), method="bilinear")
+def location_logits(dense: jax.Array, label_emb: jax.Array) -> jax.Array:
+    """Per-location cosine similarity to each label: dense [B, h, w, E], label_emb [C, E] -> [B, h, w, C]."""
+    return jnp.einsum("bhwe,ce->bhwc", dense, label_emb)

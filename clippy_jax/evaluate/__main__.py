@@ -1,0 +1,45 @@
+"""Evaluates a checkpoint from the command line:
+
+    python -m clippy_jax.evaluate --config=configs/eval.py:voc --config.init_from=DIR --workdir=OUT
+
+`config.init_from` is a training workdir / checkpoint (with `--config.model_config=<training config>`)
+or a converted checkpoint (`python -m clippy_jax.convert`); see clippy_jax/evaluate/README.md. Results
+land in OUT: `results.json`, `results.md` and TensorBoard events (scalars, tables, overlays).
+"""
+
+import os
+
+import jax
+import tensorflow as tf
+from absl import app, flags, logging
+from clu import metric_writers
+from ml_collections import config_flags
+
+from clippy_jax import distributed
+from clippy_jax.evaluate import checkpoints, runner
+from clippy_jax.train import sharding
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluation configuration file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results and TensorBoard events.", required=True)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; leave accelerators to JAX.
+    distributed.initialize()
+    config = _CONFIG.value
+    workdir = _WORKDIR.value if _WORKDIR.value.startswith("gs://") else os.path.abspath(_WORKDIR.value)
+    loaded = checkpoints.load(config)
+    logging.info("Evaluating %s (step %d) on %s.", config.init_from, loaded.step, ", ".join(config.eval.evaluators))
+    params = jax.device_put(loaded.params, sharding.replicated(sharding.make_mesh(config.mesh)))
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    runner.run_evaluations(config, loaded.model, params, loaded.tokenizer, loaded.data_config, writer, workdir,
+                           loaded.step)
+    writer.close()
+
+
+if __name__ == "__main__":
+    jax.config.config_with_absl()
+    app.run(main)

@@ -1,0 +1,203 @@
+"""The machinery every evaluator shares: per-host example subsets, batched inference sharded over
+the mesh, and dense score maps brought back to label resolution.
+
+Each host reads its own subset of the split (examples i, i + P, i + 2P, ... on host i of P). Images
+become fixed-shape windows (`geometry.Geometry`); windows are batched `eval.batch_size` at a time
+over the mesh's batch axes (`clippy_jax.train.sharding`), and the outputs come back to the host
+that fed them. Hosts run the same number of device steps (short hosts feed padding), so the
+collectives of sharded parameters line up. Metrics are then merged over hosts
+(`metrics.merge_across_hosts`).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, PartitionSpec
+
+from clippy_jax.data import eval_datasets
+from clippy_jax.data.tokenizer import Tokenizer
+from clippy_jax.evaluate import geometry
+from clippy_jax.train import sharding
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """What evaluators need besides their own task settings.
+
+    Attributes:
+      config: the whole config; evaluators read `config.eval` (batch_size, manual_dir, tfds_dir,
+        max_examples, num_overlays, progress).
+      data_config: the prepared `data` section (image mean / std; the demo's eval split).
+    """
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    params: object
+    tokenizer: Tokenizer
+    data_config: ml_collections.ConfigDict
+    mesh: Mesh
+
+    @property
+    def local_batch_size(self) -> int:
+        batch_size = self.config.eval.batch_size
+        if batch_size % jax.process_count():
+            raise ValueError(f"config.eval.batch_size={batch_size} is not divisible by {jax.process_count()} hosts.")
+        return batch_size // jax.process_count()
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        return geometry.normalize(images, self.data_config.mean, self.data_config.std)
+
+    def runner(self, fn: Callable, window_shape: Sequence[int]) -> "BatchRunner":
+        return BatchRunner(self, fn, tuple(window_shape))
+
+    def progress(self, total: int, desc: str) -> tqdm.tqdm:
+        enabled = self.config.eval.get("progress", True) and jax.process_index() == 0
+        return tqdm.tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+@dataclasses.dataclass
+class Examples:
+    """This host's share of an evaluation split: `num_global` examples over all hosts."""
+
+    iterator: Iterator[dict]
+    num_global: int
+    info: tfds.core.DatasetInfo | None = None
+
+    @property
+    def num_local(self) -> int:
+        return len(range(jax.process_index(), self.num_global, jax.process_count()))
+
+    def chunks(self, size: int, progress: tqdm.tqdm) -> Iterator[list[dict]]:
+        """Lists of up to `size` examples; the same number of lists on every host (some may be empty)."""
+        per_host = math.ceil(self.num_global / jax.process_count())
+        with progress:
+            for _ in range(math.ceil(per_host / size)):
+                chunk = [example for _, example in zip(range(size), self.iterator)]
+                progress.update(len(chunk))
+                yield chunk
+
+
+def dataset_examples(ctx: EvalContext, task: ml_collections.ConfigDict) -> Examples:
+    """The examples of `task.dataset` (a builder of `clippy_jax.data.eval_datasets`) for this host."""
+    manual_dir = task.get("manual_dir") or ctx.config.eval.manual_dir
+    builder = eval_datasets.builder(task.dataset, manual_dir, ctx.config.eval.tfds_dir)
+    ds = builder.as_dataset(split=task.get("split") or builder.EVAL_SPLIT, shuffle_files=False)
+    max_examples = task.get("max_examples") or ctx.config.eval.get("max_examples", 0)
+    if max_examples:
+        ds = ds.take(max_examples)
+    num_global = int(ds.cardinality())
+    ds = ds.shard(jax.process_count(), jax.process_index())
+    return Examples(ds.as_numpy_iterator(), num_global, builder.info)
+
+
+def array_examples(arrays: dict[str, np.ndarray]) -> Examples:
+    """In-memory examples (the demo's eval split), split over hosts like a dataset."""
+    num_global = len(next(iter(arrays.values())))
+    local = range(jax.process_index(), num_global, jax.process_count())
+    return Examples(iter([{k: v[i] for k, v in arrays.items()} for i in local]), num_global)
+
+
+def sync_max(value: int) -> int:
+    """The maximum of `value` over hosts."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+class BatchRunner:
+    """Runs `fn(params, images [B, h, w, 3], *args)` -> pytree of [B, ...] arrays on global batches
+    sharded over the mesh's batch axes; returns this host's rows as numpy."""
+
+    def __init__(self, ctx: EvalContext, fn: Callable, window_shape: tuple[int, int]):
+        self.ctx = ctx
+        self.window_shape = window_shape
+        batch = sharding.batch_sharding(ctx.mesh)
+
+        def apply(params, images, *args):
+            with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+                return fn(params, images, *args)
+
+        self.fn = jax.jit(apply, out_shardings=batch)
+
+    def __call__(self, images: np.ndarray, *args) -> dict:
+        """images: normalised float32 [n, h, w, 3] (n may be 0); args: replicated inputs."""
+        size = self.ctx.local_batch_size
+        outputs = []
+        with jax.set_mesh(self.ctx.mesh):
+            for step in range(sync_max(math.ceil(len(images) / size))):
+                chunk = images[step * size:(step + 1) * size]
+                padded = np.zeros((size, *self.window_shape, 3), np.float32)
+                padded[: len(chunk)] = chunk
+                batch = sharding.global_batch({"image": padded}, self.ctx.mesh)["image"]
+                out = self.fn(self.ctx.params, batch, *args)
+                local = multihost_utils.global_array_to_host_local_array(
+                    out, self.ctx.mesh, PartitionSpec(sharding.BATCH_AXES)
+                )
+                valid = len(chunk)
+                outputs.append(jax.tree.map(lambda x, n=valid: np.asarray(x)[:n], local))
+        if not outputs:
+            return None
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+
+
+def dense_predictions(
+    ctx: EvalContext, examples: Examples, geo: geometry.Geometry, fn: Callable, *args, desc: str = "",
+    reduce: Callable[[jax.Array], np.ndarray] = lambda scores: np.asarray(scores.argmax(-1)),
+) -> Iterator[tuple[dict, np.ndarray, dict]]:
+    """Yields (example, reduce(scores at label resolution), this example's other outputs) for every
+    local example, in order.
+
+    `fn(params, images, *args)` returns a dict with `scores` [B, gh, gw, K] per window (and other
+    per-window outputs, e.g. image-level `logits`, returned for the first window of each example).
+    Label resolution is the shape of `example["label"]`.
+    """
+    runner = ctx.runner(fn, geo.window_shape)
+    for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, desc)):
+        crops, layout = [], []
+        for example in chunk:
+            windows, boxes, resized = geo.windows(example["image"])
+            layout.append((len(crops), boxes, resized))
+            crops.extend(windows)
+        stacked = ctx.normalize(np.stack(crops)) if crops else np.zeros((0, *geo.window_shape, 3), np.float32)
+        outputs = runner(stacked, *args)
+        for example, (start, boxes, resized) in zip(chunk, layout):
+            scores = geometry.to_label_resolution(
+                outputs["scores"][start:start + len(boxes)], boxes, resized, geo.window_shape, example["label"].shape
+            )
+            others = {k: v[start] for k, v in outputs.items() if k != "scores"}
+            yield example, reduce(scores), others
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """One evaluator's results.
+
+    Attributes:
+      summary: JSON-serialisable results (the evaluator's entry of `results.json`).
+      scalars: logged as `<evaluator>/<key>`.
+      headline: markdown lines for `results.md`, above the tables.
+      tables: markdown tables by title: logged as text and written to `results.md`.
+      overlays: uint8 figures [h, w, 3], logged as images.
+    """
+
+    summary: dict
+    scalars: dict[str, float]
+    headline: list[str] = dataclasses.field(default_factory=list)
+    tables: dict[str, str] = dataclasses.field(default_factory=dict)
+    overlays: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table; floats with 4 decimals."""
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

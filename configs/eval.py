@@ -1,0 +1,89 @@
+"""Evaluation of a checkpoint on the paper's benchmarks (see clippy_jax/evaluate/README.md):
+
+    python -m clippy_jax.evaluate --config=configs/eval.py:voc,res=448 --config.init_from=CKPT \
+        --config.eval.manual_dir=/data/voc --workdir=OUT
+
+The argument is a comma-separated list of task names (keys of `TASKS`) or groups (keys of `GROUPS`),
+and options: `res=N` (input side: resize mode input N x N, Cityscapes N x 2N; classification resize
+and crop; default 224), `window=N` and `stride=S` (sliding N x N windows at stride S, default 2N/3,
+over images resized to shorter side `res`, for the segmentation and unsupervised tasks).
+"""
+
+import os
+
+import ml_collections
+
+# CLIP's image normalisation (the released CLIPpy checkpoints use it); a training config given as
+# config.model_config brings its own.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+GROUPS = {
+    "segmentation": ("voc", "coco_object", "coco133", "ade20k", "cityscapes27"),
+    "grouping": ("voc_grouping", "cityscapes27_unsupervised"),
+    "classification": ("imagenet", "imagenet_v2"),
+    "robustness": ("waterbirds",),
+}
+GROUPS["paper"] = sum(GROUPS.values(), ())
+
+
+def tasks(res: int, window: int, stride: int) -> dict[str, dict]:
+    """Every task's settings; `kind` names the evaluator (clippy_jax/evaluate/runner.py)."""
+    square = dict(input_size=(res, res))
+    dense = dict(input_size=(res, res), window=window, stride=stride, short_side=res)
+    cityscapes = dict(dense, input_size=(res, 2 * res))  # Cityscapes images are 1024 x 2048
+    return dict(
+        synthetic=dict(kind="synthetic_segmentation"),
+        voc=dict(kind="segmentation", dataset="voc2012_seg", **dense),
+        coco_object=dict(kind="segmentation", dataset="coco_object", **dense),
+        coco133=dict(kind="segmentation", dataset="coco_panoptic133", **dense),
+        ade20k=dict(kind="segmentation", dataset="ade20k_150", **dense),
+        cityscapes27=dict(kind="segmentation", dataset="cityscapes27", **cityscapes),
+        voc_grouping=dict(kind="grouping", dataset="voc2012_seg", num_groups=2, exclude_classes=(), **square),
+        cityscapes27_unsupervised=dict(
+            kind="unsupervised_segmentation", dataset="cityscapes27", method="kmeans", samples_per_window=64,
+            kmeans_iterations=30, seed=0, **cityscapes,
+        ),
+        imagenet=dict(kind="classification", dataset="imagenet2012_val", resize=res, crop=res),
+        imagenet_v2=dict(kind="classification", dataset="imagenet_v2_matched_frequency", resize=res, crop=res),
+        waterbirds=dict(kind="waterbirds", dataset="waterbirds", **square),
+    )
+
+
+def _parse(arg: str) -> tuple[list[str], dict[str, int]]:
+    names, options = [], dict(res=224, window=0, stride=0)
+    for item in filter(None, arg.split(",")):
+        key, sep, value = item.partition("=")
+        if sep:
+            if key not in options:
+                raise ValueError(f"Unknown eval config option {key!r}; known: {sorted(options)}.")
+            options[key] = int(value)
+        else:
+            names.extend(GROUPS.get(key, (key,)))
+    options["stride"] = options["stride"] or options["window"] * 2 // 3
+    return names, options
+
+
+def get_config(arg: str = "voc") -> ml_collections.ConfigDict:
+    names, options = _parse(arg)
+    all_tasks = tasks(**options)
+    unknown = [n for n in names if n not in all_tasks]
+    if unknown:
+        raise ValueError(f"Unknown evaluation task(s) {unknown}; choose from {sorted(all_tasks)} or {sorted(GROUPS)}.")
+    config = ml_collections.ConfigDict()
+    config.init_from = ""  # training workdir / checkpoint step, or a converted checkpoint directory
+    config.model_config = ""  # for training checkpoints: the training config, e.g. configs/demo.py:size=tiny
+    config.tokenizer_path = ""  # overrides the tokenizer of the checkpoint / model config
+    config.data = dict(mean=CLIP_MEAN, std=CLIP_STD, tokenizer_path="", max_text_length=64)
+    config.mesh = dict(data=-1, fsdp=1, model=1)
+    config.eval = dict(
+        evaluators=tuple(names),
+        tasks=all_tasks,
+        batch_size=64,  # global, over all hosts; a multiple of the data-parallel devices
+        num_overlays=4,
+        manual_dir="",  # where the datasets' official layouts live (clippy_jax/data/eval_datasets/README.md)
+        tfds_dir=os.path.expanduser("~/tensorflow_datasets"),  # where the TFRecords are built once
+        max_examples=0,  # > 0: only the first examples of each split (quick checks)
+        progress=True,
+    )
+    return config
