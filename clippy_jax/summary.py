@@ -1,0 +1,99 @@
+"""Per-tower parameter counts and forward GFLOPs per example of a config's model.
+
+    python -m clippy_jax.summary --config=configs/demo.py [--vocab_size=N]
+
+Parameter counts come from `jax.eval_shape` (no memory is allocated, so ViT-B and T5-base are
+cheap); FLOPs from XLA's cost analysis of the compiled forward of one example (image encoder at
+`data.image_size`, and with the kept tokens of patch dropping when `data.keep_ratio` < 1; text
+encoder at `data.max_text_length`). A converted timm ViT has `width` fewer parameters than timm
+reports: timm's cls position embedding is folded into our `cls` token.
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from clippy_jax.models import build_model
+from clippy_jax.models.vit import VisionTransformer
+
+T5_VOCAB_SIZE = 32128
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file.", lock_config=False)
+_VOCAB_SIZE = flags.DEFINE_integer(
+    "vocab_size", 0, "Vocabulary size when model.text.vocab_size is 0 (default: the demo's synthetic vocabulary, "
+    "else T5's 32128)."
+)
+
+
+def _count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _gflops(fn: Callable, *args) -> float:
+    """GFLOPs of `fn` on abstract `args`, from XLA's cost analysis of the compiled computation."""
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list | tuple):  # older jax returns one dict per computation
+        analysis = analysis[0]
+    return float(analysis["flops"]) / 1e9
+
+
+def summarize(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> dict[str, dict[str, float]]:
+    """{'parameters': {group: count}, 'gflops': {forward: GFLOPs per example}} of `config.model`."""
+    if not config.model.text.get("vocab_size") and not vocab_size:
+        vocab_size = config.data.get("synthetic", {}).get("vocab_size") or T5_VOCAB_SIZE
+    model = build_model(config.model, vocab_size)
+    size, patch = config.data.image_size, model.image.get("patch_size", VisionTransformer.patch_size)
+    grid = (size // patch, size // patch)
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, config.data.max_text_length), jnp.int32)
+    params = jax.eval_shape(lambda batch: nn.unbox(model.init(jax.random.key(0), batch)["params"]),
+                            dict(image=image, tokens=tokens))
+    counts = {name: _count(params.get(name, {})) for name in
+              ("image_tower", "image_projection", "text_tower", "text_projection", "logit_scale")}
+    counts["total"] = _count(params)
+
+    def encode_text(p, t):
+        return model.apply({"params": p}, t, method=model.encode_text)
+
+    def encode_image(p, x, **kwargs):
+        text_emb = jnp.zeros((1, model.embed_dim)) if model.image_pool == "tsp" else None
+        return model.apply({"params": p}, x, text_emb=text_emb, method=model.encode_image, **kwargs)
+
+    gflops = {
+        f"image encoder, {size}x{size} ({grid[0] * grid[1]} tokens)": _gflops(encode_image, params, image),
+        f"text encoder, {config.data.max_text_length} tokens": _gflops(encode_text, params, tokens),
+    }
+    keep_ratio = config.data.get("keep_ratio", 1.0)
+    if keep_ratio < 1.0:
+        kept = max(1, round(keep_ratio * grid[0] * grid[1]))
+        patches = jax.ShapeDtypeStruct((1, kept, patch * patch * 3), jnp.float32)
+        indices = jax.ShapeDtypeStruct((1, kept), jnp.int32)
+        gflops[f"image encoder, {kept} kept tokens (training)"] = _gflops(
+            lambda p, x, i: encode_image(p, None, patches=x, patch_indices=i, grid_shape=grid), params, patches,
+            indices,
+        )
+    return dict(parameters=counts, gflops=gflops)
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    lines = [f"{'parameters':<44}{'count':>16}"]
+    lines += [f"  {name:<42}{count:>16,}" for name, count in summary["parameters"].items()]
+    lines += ["", f"{'forward, per example':<44}{'GFLOPs':>16}"]
+    lines += [f"  {name:<42}{value:>16.3f}" for name, value in summary["gflops"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    print(format_summary(summarize(_CONFIG.value, _VOCAB_SIZE.value or None)))
+
+
+if __name__ == "__main__":
+    app.run(main)
