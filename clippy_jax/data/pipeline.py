@@ -1,42 +1,75 @@
-"""tf.data input pipelines: image-text training shards and the demo's labelled evaluation split.
+"""The tf.data training pipeline: encoded examples -> shuffled, decoded, cropped, tokenized batches.
 
-Training shards use img2dataset's TFRecord layout (features `jpg` or `png`, `txt`, `key`). Each
-process reads a disjoint, deterministic subset of the files and yields its slice of the global
-batch; randomness is stateless per example, so the stream is a pure function of the seed, and the
-iterator state is saved with every checkpoint (`InputIterator.save` / `restore`).
+Stages (one process):
+
+  sources.examples            endless encoded examples with a status (see `sources.py`)
+  shuffle(shuffle_buffer)     of encoded bytes, so iterator checkpoints stay small
+  enumerate                   the example's position: every random draw is stateless from
+                              (seed, process_index, position), so the stream is a pure function
+                              of the seed
+  map(decode) + ignore_errors parallel, ordered; an image that fails to decode raises and is
+                              dropped, leaving a gap in the positions
+  scan(count)                 sequential: cumulative skip counters per reason, from the statuses
+                              and from position gaps (undecodable images)
+  filter(status == OK)
+  map(prepare)                caption draw, resize, crop, normalise, patch dropping
+  batch + map(tokenize)       the counters of the batch's last example ride along
+  prefetch
+
+Skip counters are thus computed in the stream itself: deterministic, exact (no sampling), and
+saved with the iterator state since the `scan` state is part of it. The dataset that
+`train_dataset` returns has the model inputs only (its `element_spec` shapes the compiled step);
+`InputIterator` iterates the same stream with the counters of each batch attached (`SKIPPED_KEY`)
+and reports them through `counters()`.
+
+Iterator checkpoint size per process (explicit tf.data checkpointing saves every buffer):
+  shuffle_buffer x (encoded image + captions)            e.g. 10k x 60 KB = 600 MB
+  + interleave x (one TFRecord offset | a tar's unparsed tail: < one member + 64 KB)
+  + in-flight decodes (about one per core) x decoded image (H x W x 3 bytes)
+  + (prefetch + 1) x local batch x example size          e.g. 3 x 256 x (224^2 x 3 x 4 B) = 460 MB
+where the example size is S^2 x 3 x 4 bytes for images, K x p^2 x 3 x 4 for kept patches.
 """
 
 import os
+import weakref
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from clippy_jax.data import preprocess
+from clippy_jax.data import preprocess, sources
 from clippy_jax.data.tokenizer import Tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
+# The batch entry that carries the cumulative skip counters (int32 [len(sources.REASONS)]).
+SKIPPED_KEY = "data_skipped"
+CROPS = ("random", "center")
+# train_dataset's result -> the same batches with their skip counters (read by InputIterator).
+_WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, tf.data.Dataset]" = weakref.WeakKeyDictionary()
+# Data keys that configs written before them may lack.
+DEFAULTS = dict(crop="random", tfds_name="", tfds_data_dir="", tfds_split="train")
 
 
-def list_files(pattern: str) -> list[str]:
-    """Sorted files matching a local or `gs://` glob pattern; fails naming the pattern if none."""
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"No files match the data pattern {pattern!r}; check config.data paths.")
-    return files
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `data` config with `DEFAULTS` for the keys it lacks."""
+    return ml_collections.ConfigDict({**DEFAULTS, **config.to_dict()})
 
 
-def process_files(files: list[str], process_index: int, process_count: int) -> list[str]:
-    """The disjoint subset of shards read by one process."""
-    if len(files) < process_count:
-        raise ValueError(f"{len(files)} shards cannot be split over {process_count} processes; write more shards.")
-    return files[process_index::process_count]
+def _decode(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Decodes the image of a usable example (raises on undecodable bytes); others get 1x1 pixels."""
+    image = tf.cond(example["status"] == sources.OK, lambda: preprocess.decode_rgb(example["image"]),
+                    lambda: tf.zeros([1, 1, 3], tf.uint8))
+    return dict(example, image=image, position=position)
 
 
-def parse_image_text(record: tf.Tensor, image_key: str, text_key: str) -> dict[str, tf.Tensor]:
-    features = {image_key: tf.io.FixedLenFeature([], tf.string), text_key: tf.io.FixedLenFeature([], tf.string)}
-    parsed = tf.io.parse_single_example(record, features)
-    return dict(image=parsed[image_key], text=parsed[text_key])
+def _count(state: tuple[tf.Tensor, tf.Tensor], example: dict[str, tf.Tensor]):
+    """Adds the example's own skip reason, and the undecodable images just before it, to the counters."""
+    counts, last_position = state
+    reasons = len(sources.REASONS)
+    undecodable = tf.cast(example["position"] - last_position - 1, tf.int32)
+    counts += undecodable * tf.one_hot(sources.BAD_IMAGE - 1, reasons, dtype=tf.int32)
+    counts += tf.one_hot(example["status"] - 1, reasons, dtype=tf.int32)  # OK (0) adds nothing
+    return (counts, example["position"]), dict(example, skipped=counts)
 
 
 def train_dataset(
@@ -47,49 +80,69 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> tf.data.Dataset:
-    """Endless batches {image [B, S, S, 3] | patches, patch_indices; tokens [B, L]} for one process."""
-    files = process_files(list_files(config.train_pattern), process_index, process_count)
+    """Endless batches {image [B, S, S, 3] | patches [B, K, p * p * 3], patch_indices [B, K]; tokens [B, L]}
+    of one process; `InputIterator` also reports their skip counters."""
+    config = with_defaults(config)
+    if config.crop not in CROPS:
+        raise ValueError(f"config.data.crop={config.crop!r} must be one of {CROPS}.")
     keep = preprocess.kept_patch_count(config.image_size, config.patch_size, config.keep_ratio, config.keep_patches)
     base_seed = tf.constant([seed, process_index], tf.int64)
 
-    def prepare(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        crop_seed, drop_seed = tf.unstack(tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(base_seed, index), 2))
-        image = preprocess.resize_shortest_side(preprocess.decode_rgb(example["image"]), config.image_size)
-        image = preprocess.crop_square(image, config.image_size, crop_seed)
-        image = preprocess.normalize(image, config.mean, config.std)
-        image = tf.ensure_shape(image, [config.image_size, config.image_size, 3])
-        out = dict(tokens=tokenizer.tf_encode(example["text"]))
+    def prepare(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        caption_seed, crop_seed, drop_seed = tf.unstack(tf.random.experimental.stateless_split(
+            tf.random.experimental.stateless_fold_in(base_seed, example["position"]), 3))
+        captions = example["captions"]
+        caption = captions[tf.random.stateless_uniform([], caption_seed, maxval=tf.size(captions), dtype=tf.int32)]
+        image = preprocess.crop_to_square(example["image"], config.image_size,
+                                          crop_seed if config.crop == "random" else None)
+        out = dict(caption=caption, skipped=example["skipped"])
         if keep is None:
-            out["image"] = image
-        else:
+            out["image"] = preprocess.normalize(image, config.mean, config.std)
+        else:  # normalise only the kept patches
             out.update(preprocess.drop_patches(image, config.patch_size, keep, drop_seed))
+            out["patches"] = preprocess.normalize(out["patches"], config.mean, config.std)
         return out
 
-    records = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    records = records.repeat()
-    records = records.interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(files), config.interleave), num_parallel_calls=AUTOTUNE,
-        deterministic=True,
-    )
-    records = records.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    examples = records.map(lambda r: parse_image_text(r, config.image_key, config.text_key))
-    examples = examples.enumerate().map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return examples.batch(local_batch_size, drop_remainder=True).prefetch(config.prefetch)
+    def tokenize(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        batch = dict(batch)
+        batch["tokens"] = tokenizer.tf_encode(batch.pop("caption"))
+        batch[SKIPPED_KEY] = batch.pop("skipped")[-1]
+        return batch
+
+    examples = sources.examples(config, seed, process_index, process_count)
+    examples = examples.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True).enumerate()
+    decoded = examples.map(_decode, num_parallel_calls=AUTOTUNE, deterministic=True).ignore_errors()
+    initial = (tf.zeros([len(sources.REASONS)], tf.int32), tf.constant(-1, tf.int64))
+    counted = decoded.scan(initial, _count).filter(lambda example: example["status"] == sources.OK)
+    ready = counted.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    batches = ready.batch(local_batch_size, drop_remainder=True)
+    with_counters = batches.map(tokenize, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(config.prefetch)
+    inputs = with_counters.map(lambda batch: {k: v for k, v in batch.items() if k != SKIPPED_KEY})
+    _WITH_COUNTERS[inputs] = with_counters
+    return inputs
 
 
 class InputIterator:
-    """A numpy iterator over a tf.data pipeline whose position can be checkpointed."""
+    """A numpy iterator over a `train_dataset` whose position and skip counters can be checkpointed."""
 
     def __init__(self, dataset: tf.data.Dataset):
-        self._iterator = iter(dataset)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        if dataset not in _WITH_COUNTERS:
+            raise TypeError("InputIterator reads the dataset that pipeline.train_dataset returned, untransformed.")
+        self._iterator = iter(_WITH_COUNTERS[dataset])
+        self._skipped = tf.Variable(tf.zeros([len(sources.REASONS)], tf.int32), trainable=False)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator, skipped=self._skipped)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in next(self._iterator).items()}
+        batch = next(self._iterator)
+        self._skipped.assign(batch.pop(SKIPPED_KEY))
+        return {k: v.numpy() for k, v in batch.items()}
+
+    def counters(self) -> dict[str, int]:
+        """{'data/skipped_<reason>': count}, cumulative over this process's stream up to the last batch."""
+        return {f"data/skipped_{reason}": int(n) for reason, n in zip(sources.REASONS, self._skipped.numpy())}
 
     def save(self, directory: str) -> None:
         tf.io.gfile.makedirs(directory)

@@ -10,28 +10,40 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     return tf.ensure_shape(tf.io.decode_image(encoded, channels=3, expand_animations=False), [None, None, 3])
 
 
-def resize_shortest_side(image: tf.Tensor, size: int) -> tf.Tensor:
-    """Resizes so that the shorter side is `size` (bilinear, antialiased); float32 output."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = size / tf.reduce_min(shape)
-    new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
-    return tf.image.resize(image, new_shape, method="bilinear", antialias=True)
-
-
-def crop_square(image: tf.Tensor, size: int, seed: tf.Tensor | None) -> tf.Tensor:
-    """Random crop (with a stateless `seed`) or, when `seed` is None, a center crop to [size, size]."""
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
+def _square_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor | None) -> tuple[tf.Tensor, ...]:
+    """(top, left, side) of the largest square: random along the longer side with a stateless
+    `seed`, centred when `seed` is None."""
+    side = tf.minimum(height, width)
     if seed is None:
-        top, left = (height - size) // 2, (width - size) // 2
-    else:
-        offsets = tf.random.stateless_uniform([2], seed, maxval=tf.int32.max, dtype=tf.int32)
-        top, left = offsets[0] % (height - size + 1), offsets[1] % (width - size + 1)
-    return image[top : top + size, left : left + size]
+        return (height - side) // 2, (width - side) // 2, side
+    offset = tf.random.stateless_uniform([], seed, maxval=tf.maximum(height, width) - side + 1, dtype=tf.int32)
+    return tf.where(height > width, offset, 0), tf.where(height > width, 0, offset), side
 
 
-def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """Pixel values in [0, 255] -> (x / 255 - mean) / std per channel."""
-    return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean)) / tf.constant(std)
+def crop_to_square(image: tf.Tensor, size: int, seed: tf.Tensor | None) -> tf.Tensor:
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in [0, 255] (paper appendix C): the shorter side
+    resized to `size` and the longer side cropped, at random (stateless `seed`) or, when `seed` is
+    None, in the centre.
+
+    The square is cut in source pixels and then resized (bilinear, antialiased when shrinking):
+    the same window as resizing first, without resizing pixels that are cropped away.
+    """
+    top, left, side = _square_window(tf.shape(image)[0], tf.shape(image)[1], seed)
+    square = image[top : top + side, left : left + side]
+    image = tf.cond(
+        side > size,
+        lambda: tf.image.resize(square, [size, size], method="bilinear", antialias=True),
+        lambda: tf.image.resize(square, [size, size], method="bilinear"),
+    )
+    return tf.ensure_shape(image, [size, size, 3])
+
+
+def normalize(pixels: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """Values in [0, 255] -> (x / 255 - mean) / std per channel; channels are innermost in the last
+    axis, which holds one pixel ([..., C]) or whole flattened patches ([..., p * p * C])."""
+    reps = pixels.shape[-1] // len(mean)
+    mean, std = tf.tile(tf.constant(mean, tf.float32), [reps]), tf.tile(tf.constant(std, tf.float32), [reps])
+    return (tf.cast(pixels, tf.float32) / 255.0 - mean) / std
 
 
 def patchify(image: tf.Tensor, patch_size: int) -> tf.Tensor:
