@@ -151,7 +151,7 @@ def map_state(
     expected: Mapping[str, tuple[int, ...]],
     ignore: Iterable[str] = (),
 ) -> tuple[dict[str, np.ndarray], KeyReport]:
-    """Applies the first matching rule(s) to every source key.
+    """Applies every matching rule to every source key.
 
     A key may feed several targets (e.g. timm's fused qkv). Keys matching `ignore` are dropped on
     purpose (classifier heads, T5's decoder). Returns flat {target path: array} and the report.
