@@ -59,16 +59,23 @@ def group_scores(dense: jax.Array, num_groups: int) -> jax.Array:
 
 
 def spherical_kmeans(x: np.ndarray, num_clusters: int, iterations: int, seed: int) -> np.ndarray:
-    """Unit centroids [K, E] of unit features x [n, E]: k-means++ seeding on the cosine distance
-    1 - x.c, then Lloyd iterations (assign to the most similar centroid, centroid = normalised mean;
+    """Unit centroids [K, E] of unit features x [n, E]: greedy k-means++ seeding (as scikit-learn: each
+    new seed is the best of 2 + log K candidates drawn with probability proportional to the cosine
+    distance 1 - x.c to the nearest seed, i.e. half the squared Euclidean distance on the sphere), then
+    Lloyd iterations (assign to the most similar centroid, centroid = normalised mean of its members;
     an empty cluster keeps its centroid)."""
     rng = np.random.default_rng(seed)
     x = np.asarray(x, np.float32)
-    centroids = [x[rng.integers(len(x))]]
-    for _ in range(1, num_clusters):
-        distance = np.clip(1.0 - (x @ np.stack(centroids).T).max(axis=1), 0.0, None)
-        p = distance / distance.sum() if distance.sum() > 0 else None
-        centroids.append(x[rng.choice(len(x), p=p)])
+    candidates_per_step = 2 + int(np.log(num_clusters))
+    distance = np.full(len(x), np.inf, np.float32)
+    centroids = []
+    for _ in range(num_clusters):
+        finite = np.isfinite(distance).all() and distance.sum() > 0
+        candidates = rng.choice(len(x), candidates_per_step, p=distance / distance.sum() if finite else None)
+        trial = np.minimum(distance, np.clip(1.0 - x @ x[candidates].T, 0.0, None).T)  # [candidates, n]
+        best = int(trial.sum(axis=1).argmin())
+        centroids.append(x[candidates[best]])
+        distance = trial[best]
     centroids = np.stack(centroids)
     for _ in range(iterations):
         assignment = (x @ centroids.T).argmax(axis=1)
