@@ -17,6 +17,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
             f"config.train.batch_size={batch} is not divisible by the {data * fsdp} data-parallel devices "
             f"(mesh data={data} x fsdp={fsdp} of {num_devices} devices); use a multiple of {data * fsdp}."
         )
+    if config.train.loss_block_size and IMAGE_POOLS[config.model.image_pool].text_conditioned:
+        raise ValueError(f"config.model.image_pool={config.model.image_pool!r} pools per text and needs the full "
+                         "similarity matrix; set config.train.loss_block_size=0.")
     if config.train.loss_block_size and batch % config.train.loss_block_size:
         raise ValueError(f"config.train.loss_block_size={config.train.loss_block_size} must divide "
                          f"config.train.batch_size={batch}.")

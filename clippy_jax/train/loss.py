@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from clippy_jax.models.two_tower import pair_similarity
+
 
 def contrastive_loss(
     image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, max_logit_scale: float
@@ -12,7 +14,8 @@ def contrastive_loss(
     Every example's negatives are all other examples of the (global, possibly sharded) batch.
 
     Args:
-      image_emb: [B, E] unit image embeddings.
+      image_emb: [B, E] unit image embeddings, or [B, B, E] from a text-conditioned pooling head
+        (image i pooled for text j).
       text_emb: [B, E] unit text embeddings; row i is image i's caption.
       logit_scale: scalar log(1 / tau), learned.
       max_logit_scale: clip on log(1 / tau) (CLIP clips 1 / tau at 100).
@@ -21,7 +24,7 @@ def contrastive_loss(
       (scalar loss, metrics with both directions, the temperature and the in-batch accuracy).
     """
     scale = jnp.exp(jnp.clip(logit_scale, 0.0, max_logit_scale))
-    logits = scale * jnp.einsum("ie,je->ij", image_emb, text_emb, preferred_element_type=jnp.float32)  # [B, B]
+    logits = scale * pair_similarity(image_emb, text_emb)  # [B, B]
     image_to_text = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=1)))
     text_to_image = -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=0)))
     accuracy = jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0]))

@@ -76,8 +76,8 @@ def make_train_step(
     With `loss_block_size` > 0 the similarity matrix is computed in column blocks per device
     (`blocked_contrastive_loss`), for global batches whose [B, B] matrix would not fit.
 
-    `metrics["nonfinite"]` is 1 when the loss or the gradients hold a NaN or Inf; with
-    `skip_nonfinite` such an update is not applied (the step counter still advances).
+    `metrics["nonfinite"]` is 1 when the loss, the gradients or the updated parameters hold a NaN or
+    Inf; with `skip_nonfinite` such an update is not applied (the step counter still advances).
     """
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -93,7 +93,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
         if skip_nonfinite:
             params, opt_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)

@@ -1,0 +1,50 @@
+"""Faults during training: NaN/Inf losses and termination signals."""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+
+from tests.helpers import REPO, main_command, read_scalars, run_main
+
+EXPLODE = ("--config.optim.learning_rate=1e38", "--config.optim.warmup_steps=0", "--config.train.steps=6",
+           "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10")
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_finite_checkpoints(tmp_path):
+    result = run_main(str(tmp_path), *EXPLODE, check=False)
+    assert result.returncode != 0
+    assert "Non-finite loss or gradients at step 1" in result.stderr
+    steps = [name for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()]
+    assert steps == [], f"a checkpoint of non-finite parameters was written: {steps}"
+
+
+def test_nonfinite_updates_are_skipped_when_configured(tmp_path):
+    run_main(str(tmp_path), *EXPLODE, "--config.train.on_nonfinite=skip", "--config.train.log_every=1")
+    losses = read_scalars(str(tmp_path), "train/loss")
+    skipped = read_scalars(str(tmp_path), "train/nonfinite")
+    assert sorted(losses) == list(range(1, 7))
+    assert all(skipped[step] == 1.0 for step in range(1, 7))  # every update overflows and is left out
+    assert np.all(np.isfinite(list(losses.values())))  # so the parameters stay finite
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
+    workdir = str(tmp_path)
+    flags = ("--config.train.steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=1")
+    process = subprocess.Popen(main_command(workdir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not read_scalars(workdir, "train/loss"):
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Stopped at step" in stderr
+    stopped = [int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()]
+    assert len(stopped) == 1 and stopped[0] >= 1
+    result = run_main(workdir, "--config.train.steps=" + str(stopped[0] + 2), "--config.train.log_every=1")
+    assert f"Resuming training at step {stopped[0]}" in result.stderr
+    assert os.path.exists(tmp_path / "results.json")
