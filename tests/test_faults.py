@@ -43,8 +43,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-3000:]
     assert "Stopped at step" in stderr
-    stopped = [int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit()]
-    assert len(stopped) == 1 and stopped[0] >= 1
-    result = run_main(workdir, "--config.train.steps=" + str(stopped[0] + 2), "--config.train.log_every=1")
-    assert f"Resuming training at step {stopped[0]}" in result.stderr
+    stopped = max(int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit())
+    assert f"Stopped at step {stopped} " in stderr
+    result = run_main(workdir, f"--config.train.steps={stopped + 2}", "--config.train.log_every=1")
+    assert f"Resuming training at step {stopped} " in result.stderr
     assert os.path.exists(tmp_path / "results.json")
