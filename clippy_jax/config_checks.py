@@ -10,6 +10,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     """Raises ValueError for settings that would fail (or silently misbehave) later."""
     lookup(IMAGE_POOLS, config.model.image_pool, "model.image_pool")
     lookup(TEXT_POOLS, config.model.text_pool, "model.text_pool")
+    for tower in ("image", "text"):
+        if config.init[tower] is None:
+            raise ValueError(f"config.init.{tower} is required: a directory written by `python -m clippy_jax.convert` "
+                             f"or 'random'; pass --config.init.{tower}=...")
     data, fsdp, _ = mesh_shape(config.mesh, num_devices)
     batch = config.train.batch_size
     if batch % (data * fsdp):

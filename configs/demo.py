@@ -83,6 +83,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         dtype="float32",
         param_dtype="float32",
     )
+    config.init = dict(
+        image="random",  # or a directory written by `python -m clippy_jax.convert` (e.g. DINO)
+        text="random",  # or a converted T5 / sentence-T5 checkpoint
+        strict=True,  # refuse checkpoints with missing, unexpected or mis-shaped keys
+    )
     config.optim = dict(
         learning_rate=1e-3,  # paper appendix E
         warmup_steps=steps // 10,  # the paper warms up 2000 steps of a much longer run

@@ -53,6 +53,7 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
     config.init = dict(
         image=placeholder(str),  # converted DINO ViT-B/16 (appendix Tab. 4, 9), or "random"
         text=placeholder(str),  # converted T5-base or sentence-T5-base (appendix Tab. 9), or "random"
+        strict=True,
     )
     config.optim = dict(
         learning_rate=1e-3,  # appendix E

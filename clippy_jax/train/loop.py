@@ -12,6 +12,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from clippy_jax import config_checks
+from clippy_jax.convert import load_pretrained, merge_pretrained
 from clippy_jax.data import demo_data, pipeline
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import runner
@@ -46,6 +47,25 @@ class PreemptionWatcher:
         if jax.process_count() > 1:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
+
+
+def initialize_from_pretrained(params: dict, init: ml_collections.ConfigDict) -> dict:
+    """Puts converted checkpoints (`python -m clippy_jax.convert`) into freshly initialised params.
+
+    `init.image` / `init.text` name converted checkpoint directories (or "random"); only the entries
+    of that tower (`image_*` / `text_*`) are taken, so one converted CLIPpy checkpoint can serve both.
+    """
+    for tower in ("image", "text"):
+        source = init[tower]
+        if source == "random":
+            continue
+        pretrained, _ = load_pretrained(source)
+        subtree = {k: v for k, v in pretrained.items() if k.startswith(f"{tower}_")}
+        if not subtree:
+            raise ValueError(f"config.init.{tower}={source!r} holds no {tower} tower (it has {sorted(pretrained)}).")
+        params = merge_pretrained(params, subtree, strict=init.strict)
+        logging.info("Initialised the %s tower from %s.", tower, source)
+    return params
 
 
 def _grid_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -87,6 +107,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = checkpointer.restore(state, iterator)
     if restored is not None:
         state = restored
+    else:
+        state = state.replace(params=initialize_from_pretrained(state.params, config.init))
     start_step = int(state.step)
     if start_step:
         logging.info("Resuming training at step %d of %d.", start_step, total_steps)
@@ -134,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if flops_per_step:
                     scalars["flops_per_step_per_device"] = flops_per_step
                     scalars["mfu"] = flops_per_step / seconds_per_step / peak_flops
-                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                writer.write_scalars(step, {**{f"train/{k}": v for k, v in scalars.items()}, **iterator.counters()})
                 pending, last_log_time, last_log_step = [], time.time(), step
             checkpointer.save(step, state, iterator, force=step == total_steps or stop)
             if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
