@@ -1,7 +1,7 @@
 """`python -m clippy_jax.data.stats`: per-channel mean / std of the usable images, against numpy."""
 
 import io
-import os
+import json
 import subprocess
 import sys
 
@@ -38,13 +38,13 @@ def test_stats_equal_numpy_over_the_usable_images(tmp_path):
     assert result["examples"] == 9 and result["pixels_per_channel"] == len(pixels)
     np.testing.assert_allclose(result["mean"], pixels.mean(0), rtol=1e-12)
     np.testing.assert_allclose(result["std"], pixels.std(0), rtol=1e-9)
-    assert stats.compute(config, num_examples=4)["examples"] == 4
 
     output = str(tmp_path / "stats.json")
     completed = subprocess.run(
         [sys.executable, "-m", "clippy_jax.data.stats", f"--pattern={pattern}", "--source=webdataset",
-         "--image_key=png,jpg", "--num_examples=100", f"--output={output}"],
+         "--image_key=png,jpg", "--num_examples=4", f"--output={output}"],
         cwd=REPO, capture_output=True, text=True, check=True, timeout=120,
     )
-    mean = tuple(round(float(m), 4) for m in pixels.mean(0))
-    assert f"9 examples: mean={mean}" in completed.stdout and os.path.exists(output)
+    assert "4 examples: mean=(" in completed.stdout
+    with open(output) as f:
+        assert json.load(f)["examples"] == 4

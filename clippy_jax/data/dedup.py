@@ -26,14 +26,6 @@ from absl import app, flags, logging
 
 from clippy_jax.data import sources, writers
 
-_INPUT = flags.DEFINE_string("input", None, "Glob pattern of the input shards (local or gs://).", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory for the de-duplicated shards.", required=True)
-_SOURCE = flags.DEFINE_enum("source", "img2dataset_tfrecord", ["img2dataset_tfrecord", "webdataset"],
-                            "Shard format (the output has the same).")
-_IMAGE_KEY = flags.DEFINE_string("image_key", "jpg", "Image feature / extension; comma-separated alternatives.")
-_WORKERS = flags.DEFINE_integer("workers", 16, "Shards read or written in parallel.")
-_REPORT = flags.DEFINE_string("report", "", "Path of the JSON report (default: OUTPUT/dedup_report.json).")
-
 # WebDataset's split of a member name into sample key and extension.
 _KEY_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
@@ -150,11 +142,22 @@ def deduplicate(pattern: str, output_dir: str, source: str = "img2dataset_tfreco
     )
 
 
+def define_flags() -> None:
+    """The command's flags (defined only when run as a command, so the module imports cleanly)."""
+    flags.DEFINE_string("input", None, "Glob pattern of the input shards (local or gs://).", required=True)
+    flags.DEFINE_string("output", None, "Output directory for the de-duplicated shards.", required=True)
+    flags.DEFINE_enum("source", "img2dataset_tfrecord", list(READERS), "Shard format (the output has the same).")
+    flags.DEFINE_string("image_key", "jpg", "Image feature / extension; comma-separated alternatives.")
+    flags.DEFINE_integer("workers", 16, "Shards read or written in parallel.")
+    flags.DEFINE_string("report", "", "Path of the JSON report (default: OUTPUT/dedup_report.json).")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    report = deduplicate(_INPUT.value, _OUTPUT.value, _SOURCE.value, _IMAGE_KEY.value, _WORKERS.value)
-    path = _REPORT.value or os.path.join(_OUTPUT.value, "dedup_report.json")
+    options = flags.FLAGS
+    report = deduplicate(options.input, options.output, options.source, options.image_key, options.workers)
+    path = options.report or os.path.join(options.output, "dedup_report.json")
     with tf.io.gfile.GFile(path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"{report['examples']} examples in {report['shards']} shards: kept {report['kept']}, dropped "
@@ -163,4 +166,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

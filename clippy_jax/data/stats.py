@@ -20,18 +20,6 @@ from absl import app, flags
 
 from clippy_jax.data import pipeline, preprocess, sources
 
-_PATTERN = flags.DEFINE_string("pattern", "", "Glob pattern of the shards (file sources).")
-_SOURCE = flags.DEFINE_enum("source", "img2dataset_tfrecord", [*sources.FILE_SOURCES, "tfds"], "Data source.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 10_000, "Usable examples to reduce over.")
-_IMAGE_KEY = flags.DEFINE_string("image_key", "jpg", "Image feature / extension; comma-separated alternatives.")
-_TEXT_KEY = flags.DEFINE_string("text_key", "txt", "Caption features, comma-separated.")
-_TFDS_NAME = flags.DEFINE_string("tfds_name", "", "source=tfds: dataset name.")
-_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "source=tfds: data directory.")
-_TFDS_SPLIT = flags.DEFINE_string("tfds_split", "train", "source=tfds: split.")
-_INTERLEAVE = flags.DEFINE_integer("interleave", 16, "Shards read at a time.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the shard order.")
-_OUTPUT = flags.DEFINE_string("output", "", "Optional JSON output path.")
-
 
 def _moments(image: tf.Tensor) -> tf.Tensor:
     """uint8 [H, W, 3] -> float64 [3, 3]: rows pixel count, sum and sum of squares per channel."""
@@ -58,21 +46,35 @@ def compute(data_config: ml_collections.ConfigDict, num_examples: int, seed: int
     return dict(mean=mean.tolist(), std=std.tolist(), examples=seen, pixels_per_channel=int(count[0]))
 
 
+def define_flags() -> None:
+    """The command's flags (defined only when run as a command, so the module imports cleanly)."""
+    flags.DEFINE_string("pattern", "", "Glob pattern of the shards (file sources).")
+    flags.DEFINE_enum("source", "img2dataset_tfrecord", [*sources.FILE_SOURCES, "tfds"], "Data source.")
+    flags.DEFINE_integer("num_examples", 10_000, "Usable examples to reduce over.")
+    flags.DEFINE_string("image_key", "jpg", "Image feature / extension; comma-separated alternatives.")
+    flags.DEFINE_string("text_key", "txt", "Caption features, comma-separated.")
+    flags.DEFINE_string("tfds_name", "", "source=tfds: dataset name.")
+    flags.DEFINE_string("tfds_data_dir", "", "source=tfds: data directory.")
+    flags.DEFINE_string("tfds_split", "train", "source=tfds: split.")
+    flags.DEFINE_integer("interleave", 16, "Shards read at a time.")
+    flags.DEFINE_integer("seed", 0, "Seed of the shard order.")
+    flags.DEFINE_string("output", "", "Optional JSON output path.")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = ml_collections.ConfigDict(dict(
-        source=_SOURCE.value, train_pattern=_PATTERN.value, image_key=_IMAGE_KEY.value, text_key=_TEXT_KEY.value,
-        tfds_name=_TFDS_NAME.value, tfds_data_dir=_TFDS_DATA_DIR.value, tfds_split=_TFDS_SPLIT.value,
-        interleave=_INTERLEAVE.value,
-    ))
-    result = compute(config, _NUM_EXAMPLES.value, _SEED.value)
+    options = flags.FLAGS
+    keys = ("source", "image_key", "text_key", "tfds_name", "tfds_data_dir", "tfds_split", "interleave")
+    config = ml_collections.ConfigDict(dict(train_pattern=options.pattern, **{k: options[k].value for k in keys}))
+    result = compute(config, options.num_examples, options.seed)
     print(f"{result['examples']} examples: mean={tuple(round(m, 4) for m in result['mean'])} "
           f"std={tuple(round(s, 4) for s in result['std'])}")
-    if _OUTPUT.value:
-        with tf.io.gfile.GFile(_OUTPUT.value, "w") as f:
+    if options.output:
+        with tf.io.gfile.GFile(options.output, "w") as f:
             json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,7 +1,7 @@
 """Writers of training shards in the layouts the sources read (used by dedup, benchmarks and tests).
 
 - img2dataset TFRecord (`output_format=tfrecord`): one `tf.train.Example` per pair with the image
-  under its encode format (`jpg`), `txt`, `key` and metadata (`url`, `status`, `width`, ...);
+  bytes under `jpg` (whatever the encoding), `txt`, `key` and metadata (`url`, `status`, `width`, ...);
 - WebDataset tar: members `KEY.jpg`, `KEY.txt`, `KEY.json` in order.
 """
 
@@ -23,9 +23,9 @@ def _feature(value: bytes | str | int | float) -> tf.train.Feature:
     return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
 
 
-def img2dataset_record(key: str, image: bytes, caption: str, image_format: str = "jpg", **meta) -> bytes:
+def img2dataset_record(key: str, image: bytes, caption: str, image_key: str = "jpg", **meta) -> bytes:
     """A serialised `tf.train.Example` as img2dataset's TFRecord writer emits it."""
-    features = {"key": key, image_format: image, "txt": caption, **meta}
+    features = {"key": key, image_key: image, "txt": caption, **meta}
     example = tf.train.Example(features=tf.train.Features(feature={k: _feature(v) for k, v in features.items()}))
     return example.SerializeToString()
 
