@@ -75,7 +75,7 @@ def test_timm_vit_round_trip_and_merge(vit_state, tmp_path, suffix):
         embed_dim=16, temperature_init=0.07, dtype="float32", param_dtype="float32",
     )))
     batch = dict(image=jnp.zeros((1, 224, 224, 3)), tokens=jnp.ones((1, 4), jnp.int32))
-    initial = nn.unbox(model.init(jax.random.key(0), batch)["params"])
+    initial = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
     merged = merge_pretrained(initial, params)
     _assert_same(merged["image_tower"], params["image_tower"])
     _assert_same(merged["text_tower"], initial["text_tower"])
@@ -109,7 +109,7 @@ def test_merge_refuses_partial_and_misshaped_loads(vit_state):
         param_dtype="float32",
     )))
     batch = dict(image=jnp.zeros((1, 112, 112, 3)), tokens=jnp.ones((1, 4), jnp.int32))
-    initial = jax.device_get(nn.unbox(model.init(jax.random.key(0), batch)["params"]))
+    initial = jax.device_get(nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"]))
     with pytest.raises(CheckpointMismatchError, match=r"image_tower/pos_embedding has shape \(1, 196, 192\)"):
         merge_pretrained(initial, pretrained)
     merged = merge_pretrained(initial, pretrained, strict=False)
