@@ -75,16 +75,15 @@ class TwoTower(nn.Module):
         def projection() -> nn.Dense:
             return nn.Dense(self.embed_dim, use_bias=False, kernel_init=dense_init(("embed", "joint_embed")), **kw)
 
-        if self.project_image:
-            self.image_projection = projection()
-        if self.project_text:
-            self.text_projection = projection()
+        self.image_projection = projection() if self.project_image else None
+        self.text_projection = projection() if self.project_text else None
         self.logit_scale = self.param(
             "logit_scale", nn.initializers.constant(np.log(1.0 / self.temperature_init)), (), jnp.float32
         )
 
-    def _to_joint(self, features: jax.Array, projection: str, enabled: bool) -> jax.Array:
-        return getattr(self, projection)(features) if enabled else features
+    @staticmethod
+    def _to_joint(features: jax.Array, projection: nn.Module | None) -> jax.Array:
+        return features if projection is None else projection(features)
 
     def encode_image(
         self,
@@ -102,14 +101,14 @@ class TwoTower(nn.Module):
         head = self.image_pool_head
         per_location = None
         if dense or head.text_conditioned:
-            per_location = self._to_joint(self.image_tower.pool_norm(tokens), "image_projection", self.project_image)
+            per_location = self._to_joint(self.image_tower.pool_norm(tokens), self.image_projection)  # [B, N, E]
         if head.text_conditioned:
             if text_emb is None:
                 raise ValueError(f"model.image_pool={self.image_pool!r} pools per text: pass `text_emb` [T, E].")
             pooled = head.fn(per_location, cls, self.pool_temperature, text_emb)  # [B, T, E]
         else:
             pooled = head.fn(tokens, cls, self.pool_temperature)  # [B, D]
-            pooled = self._to_joint(self.image_tower.pool_norm(pooled), "image_projection", self.project_image)
+            pooled = self._to_joint(self.image_tower.pool_norm(pooled), self.image_projection)
         pooled = l2_normalize(pooled)
         if not dense:
             return pooled
@@ -118,7 +117,7 @@ class TwoTower(nn.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """Token ids [B, L] (0 = padding) -> unit text embedding [B, E]."""
         pooled = self.text_pool_fn(self.text_tower(tokens), tokens > 0)  # [B, D]
-        return l2_normalize(self._to_joint(pooled, "text_projection", self.project_text))
+        return l2_normalize(self._to_joint(pooled, self.text_projection))
 
     def __call__(
         self, batch: Mapping[str, jax.Array], grid_shape: Sequence[int] | None = None
