@@ -26,7 +26,7 @@ Iterator checkpoint size per process (explicit tf.data checkpointing saves every
   shuffle_buffer x encoded example (image bytes + captions)     e.g. 20k x 80 KB = 1.6 GB
   + (prefetch + 1) x local batch x output example               e.g. 3 x 256 x 0.6 MB = 460 MB
   + parallel calls (about the core count) x (decoded image H x W x 3 B + output example)
-  + interleave x (a TFRecord offset | a tar's unparsed tail: < one member + 64 KiB)
+  + interleave x (a TFRecord offset | a tar's unparsed tail: < one member + 256 KiB)
 where an output example is S^2 x 3 x 4 B (image) or K x p^2 x 3 x 4 B (kept patches), plus L x 4 B
 of tokens. Measured: 101 MiB with 25 KiB JPEGs, shuffle_buffer=1000, batch 64 at 224, prefetch=2.
 """

@@ -141,9 +141,9 @@ def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, .
     initial = dict(key=tf.constant(""), image=tf.constant(""), rank=tf.constant(no_image_rank), captions=no_captions)
 
     def group(state, member):
-        named = tf.strings.regex_full_match(member["name"], _KEY_EXTENSION)
-        key = tf.where(member["end"], "", tf.where(named, tf.strings.regex_replace(member["name"], _KEY_EXTENSION,
-                                                                                   r"\1"), state["key"]))
+        named = tf.strings.regex_full_match(member["name"], _KEY_EXTENSION) & ~member["end"]
+        key = tf.strings.regex_replace(member["name"], _KEY_EXTENSION, r"\1")
+        key = tf.where(member["end"], "", tf.where(named, key, state["key"]))  # unnamed members change nothing
         extension = tf.strings.lower(tf.strings.regex_replace(member["name"], _KEY_EXTENSION, r"\2"))
         flush = (key != state["key"]) & (state["key"] != "")
         bad_shard = member["end"] & ~member["intact"]
@@ -159,12 +159,12 @@ def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, .
             rank=tf.where(new, no_image_rank, state["rank"]),
             captions=tf.where(new, no_captions, state["captions"]),
         )
-        matches = named & ~member["end"] & tf.equal(extension, tf.constant(image_keys))
+        matches = named & tf.equal(extension, tf.constant(image_keys))
         rank = tf.cast(tf.reduce_min(tf.where(matches, tf.range(no_image_rank), no_image_rank)), tf.int32)
         better = rank < state["rank"]
         state["image"] = tf.where(better, member["data"], state["image"])
         state["rank"] = tf.minimum(rank, state["rank"])
-        is_text = named & ~member["end"] & tf.equal(extension, tf.constant(text_keys))
+        is_text = named & tf.equal(extension, tf.constant(text_keys))
         state["captions"] = tf.where(is_text, member["data"], state["captions"])
         return state, out
 

@@ -3,8 +3,9 @@
 Python-side tar readers (`tarfile` in `from_generator`) cannot be saved in a tf.data iterator
 checkpoint, so the archive is parsed in-graph: the file is read in chunks of whole 512-byte blocks
 (`FixedLengthRecordDataset`, with the trailing partial block of a truncated file left out as a
-footer) and a `scan` walks the headers. Its state is the unparsed tail of the stream (at most one
-member plus one chunk), so a checkpoint stays small.
+footer) and a `scan` parses them: each step reads every block of its buffer as a header at once
+(vectorised) and follows the sizes from header to header. Its state is the unparsed tail of the
+stream (less than one member plus one chunk), so a checkpoint stays small.
 
 Supported: ustar/GNU/PAX archives as written by `tarfile`, GNU tar and webdataset's `TarWriter`,
 including GNU long names and PAX `path` records. A header with a bad checksum or a member that
@@ -15,8 +16,8 @@ the final element reports `intact=False`.
 import tensorflow as tf
 
 BLOCK = 512
-# Blocks per read; one scan step parses a chunk, so larger chunks mean fewer steps.
-CHUNK_BLOCKS = 128
+# Blocks per read (256 KiB): fewer, larger scan steps cost less, but the tail in the state grows.
+CHUNK_BLOCKS = 512
 # Header fields (POSIX ustar).
 _NAME, _SIZE, _CHECKSUM, _TYPE, _MAGIC, _PREFIX = slice(0, 100), slice(124, 136), slice(148, 156), 156, \
     slice(257, 262), slice(345, 500)
@@ -25,88 +26,101 @@ _GNU_LONG_NAME, _PAX_HEADER = ord("L"), ord("x")
 _PAX_PATH = r"(?s)^(?:.*\n)?\d+ path=([^\n]*)\n.*$"
 
 
-def _octal(field: tf.Tensor) -> tf.Tensor:
-    """uint8 [n] ASCII octal digits, padded with spaces or NULs -> int64."""
-    digits = tf.cast(field, tf.int64) - ord("0")
+def _octal(fields: tf.Tensor) -> tf.Tensor:
+    """uint8 [n, k] ASCII octal numbers, padded with spaces or NULs -> int64 [n]."""
+    digits = tf.cast(fields, tf.int64) - ord("0")
     is_digit = (digits >= 0) & (digits <= 7)
-    place = tf.cumsum(tf.cast(is_digit, tf.int64), exclusive=True, reverse=True)
-    return tf.reduce_sum(tf.where(is_digit, digits * tf.pow(tf.constant(8, tf.int64), place), 0))
+    place = tf.cumsum(tf.cast(is_digit, tf.int32), axis=1, exclusive=True, reverse=True)
+    powers = tf.gather(tf.constant([8**i for i in range(fields.shape[1])], tf.int64), place)
+    return tf.reduce_sum(tf.where(is_digit, digits * powers, 0), axis=1)
 
 
-def _c_string(header: tf.Tensor, raw: tf.Tensor, field: slice) -> tf.Tensor:
-    """The NUL-terminated string in `field` of the header (`raw`: its bytes as uint8)."""
-    length = tf.reduce_sum(tf.math.cumprod(tf.cast(raw[field] != 0, tf.int32)))
-    return tf.strings.substr(header, field.start, length)
-
-
-def _parse_header(header: tf.Tensor) -> dict[str, tf.Tensor]:
-    """One 512-byte header block -> {zero, valid, size (int64), type (int32), name}."""
-    raw = tf.io.decode_raw(header, tf.uint8)  # [512]
+def _blocks_as_headers(raw: tf.Tensor) -> dict[str, tf.Tensor]:
+    """Every 512-byte block (uint8 [n, 512]) read as a header -> {zero, valid, size, type} [n]."""
     # The checksum is the byte sum with its own field counted as spaces.
-    field_sum = tf.reduce_sum(tf.cast(raw[_CHECKSUM], tf.int64))
-    expected = tf.reduce_sum(tf.cast(raw, tf.int64)) - field_sum + ord(" ") * (_CHECKSUM.stop - _CHECKSUM.start)
-    name, prefix = _c_string(header, raw, _NAME), _c_string(header, raw, _PREFIX)
-    ustar = tf.strings.substr(header, _MAGIC.start, _MAGIC.stop - _MAGIC.start) == b"ustar"
+    field_sum = tf.reduce_sum(tf.cast(raw[:, _CHECKSUM], tf.int32), axis=1)
+    expected = tf.reduce_sum(tf.cast(raw, tf.int32), axis=1) - field_sum + ord(" ") * (_CHECKSUM.stop - _CHECKSUM.start)
     return dict(
-        zero=tf.reduce_all(raw == 0),
-        valid=_octal(raw[_CHECKSUM]) == expected,
-        size=_octal(raw[_SIZE]),
-        type=tf.cast(raw[_TYPE], tf.int32),
-        name=tf.where(ustar & (tf.strings.length(prefix) > 0), prefix + "/" + name, name),
+        zero=tf.reduce_all(raw == 0, axis=1),
+        valid=_octal(raw[:, _CHECKSUM]) == tf.cast(expected, tf.int64),
+        size=_octal(raw[:, _SIZE]),
+        type=tf.cast(raw[:, _TYPE], tf.int32),
     )
+
+
+def _c_strings(buffer: tf.Tensor, raw: tf.Tensor, offsets: tf.Tensor, field: slice) -> tf.Tensor:
+    """The NUL-terminated strings in `field` of the headers at byte `offsets` (`raw`: their bytes)."""
+    lengths = tf.reduce_sum(tf.math.cumprod(tf.cast(raw[:, field] != 0, tf.int64), axis=1), axis=1)
+    return tf.strings.substr(buffer, offsets + field.start, lengths)
 
 
 def _padded(size: tf.Tensor) -> tf.Tensor:
     return (size + BLOCK - 1) // BLOCK * BLOCK
 
 
-def _long_name(header: dict[str, tf.Tensor], payload: tf.Tensor, current: tf.Tensor) -> tf.Tensor:
-    """The name that a GNU long-name or PAX header sets for the next member ('' to clear it)."""
-    gnu = tf.strings.split(payload, "\0", maxsplit=1)[0]
-    pax_has_path = tf.strings.regex_full_match(payload, _PAX_PATH)
-    pax = tf.where(pax_has_path, tf.strings.regex_replace(payload, _PAX_PATH, r"\1"), current)
-    return tf.where(header["type"] == _GNU_LONG_NAME, gnu, tf.where(header["type"] == _PAX_HEADER, pax, ""))
+def _walk(headers: dict[str, tf.Tensor], blocks: tf.Tensor, remaining: tf.Tensor):
+    """Follows the headers from block 0: (member header block indices [m], blocks parsed, bytes
+    needed from there for the next member, broken)."""
+
+    def cond(block, heads, need, broken):
+        return ~broken & (need == BLOCK) & (block < blocks)
+
+    def body(block, heads, need, broken):
+        zero, size = headers["zero"][block], BLOCK + _padded(headers["size"][block])
+        bad = ~zero & (~headers["valid"][block] | (block * BLOCK + size > remaining))
+        fits = block + size // BLOCK <= blocks
+        member = ~zero & ~bad & fits
+        heads = tf.concat([heads, tf.boolean_mask(block[None], member[None])], 0)
+        step = tf.where(zero, tf.constant(1, tf.int64), tf.where(member, size // BLOCK, 0))
+        need = tf.where(zero | bad | fits, tf.constant(BLOCK, tf.int64), size)
+        return block + step, heads, need, broken | bad
+
+    block, heads, need, broken = tf.while_loop(
+        cond, body, (tf.constant(0, tf.int64), tf.zeros([0], tf.int64), tf.constant(BLOCK, tf.int64),
+                     tf.constant(False)),
+        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([]), tf.TensorShape([])),
+    )
+    return heads, block, need, broken
+
+
+def _long_names(types: tf.Tensor, payloads: tf.Tensor) -> tf.Tensor:
+    """The name each GNU long-name ('L') or PAX ('x', `path` record) header sets for the next member."""
+    gnu = tf.strings.regex_replace(payloads, "(?s)\x00.*", "")
+    pax = tf.where(tf.strings.regex_full_match(payloads, _PAX_PATH),
+                   tf.strings.regex_replace(payloads, _PAX_PATH, r"\1"), "")
+    return tf.where(types == _GNU_LONG_NAME, gnu, tf.where(types == _PAX_HEADER, pax, ""))
 
 
 def _parse_buffer(buffer: tf.Tensor, remaining: tf.Tensor, long_name: tf.Tensor) -> dict[str, tf.Tensor]:
     """Parses the complete members at the start of `buffer`.
 
-    `remaining` counts the bytes of the file from the start of `buffer` on: a member that needs
-    more is truncated. Returns the regular files' `names` [n] and `payloads` [n], the bytes
-    `parsed`, the bytes `need`ed from there before the next member is complete, the pending
-    `long_name` and whether the archive is `broken` (bad checksum or truncated member).
+    Every block is read as a header at once (vectorised); a short loop then follows the sizes from
+    header to header. `remaining` counts the bytes of the file from the start of `buffer` on: a
+    member that needs more is truncated. Returns the regular files' `names` [n] and `payloads` [n],
+    the bytes `parsed`, the bytes `need`ed from there before the next member is complete, the
+    pending `long_name` and whether the archive is `broken` (bad checksum or truncated member).
     """
-    length = tf.cast(tf.strings.length(buffer), tf.int64)
-    no_strings = tf.zeros([0], tf.string)
-
-    def cond(position, names, payloads, pending, broken, need, done):
-        return ~done & (position + BLOCK <= length)
-
-    def body(position, names, payloads, pending, broken, need, done):
-        header = _parse_header(tf.strings.substr(buffer, position, BLOCK))
-        member = BLOCK + _padded(header["size"])
-        bad = ~header["zero"] & (~header["valid"] | (position + member > remaining))
-        fits = position + member <= length
-        advance = header["zero"] | (~bad & fits)
-        is_member = ~header["zero"] & ~bad & fits
-        payload = tf.strings.substr(buffer, position + BLOCK, header["size"] * tf.cast(is_member, tf.int64))
-        keep = (is_member & tf.reduce_any(tf.equal(header["type"], _REGULAR_TYPES)))[None]
-        name = tf.where(tf.strings.length(pending) > 0, pending, header["name"])
-        names = tf.concat([names, tf.boolean_mask(name[None], keep)], 0)
-        payloads = tf.concat([payloads, tf.boolean_mask(payload[None], keep)], 0)
-        pending = tf.where(is_member, _long_name(header, payload, pending), pending)
-        block = tf.constant(BLOCK, tf.int64)
-        position += tf.where(header["zero"], block, member) * tf.cast(advance, tf.int64)
-        need = tf.where(advance | bad, block, member)
-        return position, names, payloads, pending, broken | bad, need, bad | ~advance
-
-    position, names, payloads, long_name, broken, need, _ = tf.while_loop(
-        cond, body, (tf.constant(0, tf.int64), no_strings, no_strings, long_name, tf.constant(False),
-                     tf.constant(BLOCK, tf.int64), tf.constant(False)),
-        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None]), tf.TensorShape([None]), tf.TensorShape([]),
-                          tf.TensorShape([]), tf.TensorShape([]), tf.TensorShape([])),
-    )
-    return dict(names=names, payloads=payloads, parsed=position, need=need, long_name=long_name, broken=broken)
+    blocks = tf.cast(tf.strings.length(buffer), tf.int64) // BLOCK
+    raw = tf.reshape(tf.io.decode_raw(tf.strings.substr(buffer, tf.constant(0, tf.int64), blocks * BLOCK), tf.uint8),
+                     [-1, BLOCK])
+    headers = _blocks_as_headers(raw)
+    heads, parsed_blocks, need, broken = _walk(headers, blocks, remaining)
+    offsets, raw = heads * BLOCK, tf.gather(raw, heads)
+    types, sizes = tf.gather(headers["type"], heads), tf.gather(headers["size"], heads)
+    names = _c_strings(buffer, raw, offsets, _NAME)
+    prefixes = _c_strings(buffer, raw, offsets, _PREFIX)
+    magic_length = tf.fill(tf.shape(offsets), tf.constant(_MAGIC.stop - _MAGIC.start, tf.int64))
+    ustar = tf.strings.substr(buffer, offsets + _MAGIC.start, magic_length) == b"ustar"
+    names = tf.where(ustar & (tf.strings.length(prefixes) > 0), prefixes + "/" + names, names)
+    payloads = tf.strings.substr(buffer, offsets + BLOCK, sizes)
+    # A long-name header names the member after it, possibly in the next buffer.
+    set_names = _long_names(types, payloads)
+    overrides = tf.concat([long_name[None], set_names[:-1]], 0)
+    names = tf.where(tf.strings.length(overrides) > 0, overrides, names)
+    long_name = tf.concat([long_name[None], set_names], 0)[-1]
+    regular = tf.reduce_any(types[:, None] == tf.constant(_REGULAR_TYPES), axis=1)
+    return dict(names=tf.boolean_mask(names, regular), payloads=tf.boolean_mask(payloads, regular),
+                parsed=parsed_blocks * BLOCK, need=need, long_name=long_name, broken=broken)
 
 
 def _chunks(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
