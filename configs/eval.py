@@ -31,6 +31,7 @@ def tasks(res: int, window: int, stride: int) -> dict[str, dict]:
     """Every task's settings; `kind` names the evaluator (clippy_jax/evaluate/runner.py)."""
     square = dict(input_size=(res, res))
     dense = dict(input_size=(res, res), window=window, stride=stride, short_side=res)
+    zero_shot = dict(classes="imagenet_classes.txt", templates="imagenet_templates.txt", resize=res, crop=res)
     cityscapes = dict(dense, input_size=(res, 2 * res))  # Cityscapes images are 1024 x 2048
     return dict(
         synthetic=dict(kind="synthetic_segmentation"),
@@ -44,8 +45,8 @@ def tasks(res: int, window: int, stride: int) -> dict[str, dict]:
             kind="unsupervised_segmentation", dataset="cityscapes27", method="kmeans", samples_per_window=64,
             kmeans_iterations=30, seed=0, **cityscapes,
         ),
-        imagenet=dict(kind="classification", dataset="imagenet2012_val", resize=res, crop=res),
-        imagenet_v2=dict(kind="classification", dataset="imagenet_v2_matched_frequency", resize=res, crop=res),
+        imagenet=dict(kind="classification", dataset="imagenet2012_val", **zero_shot),
+        imagenet_v2=dict(kind="classification", dataset="imagenet_v2_matched_frequency", **zero_shot),
         waterbirds=dict(kind="waterbirds", dataset="waterbirds", **square),
     )
 

@@ -104,6 +104,10 @@ def load(config: ml_collections.ConfigDict) -> Loaded:
         from clippy_jax.convert import load_pretrained  # noqa: PLC0415 (the converters' heavy imports)
 
         params, converted = load_pretrained(config.init_from)
+        missing = sorted({"image_tower", "text_tower"} - set(params))
+        if missing:
+            raise ValueError(f"{config.init_from} is a partial checkpoint without {missing}; evaluating needs a whole "
+                             "model (e.g. python -m clippy_jax.convert --from=open_clip_clippy).")
         model_config = ml_collections.ConfigDict({**MODEL_DEFAULTS, **converted})
         data.tokenizer_path = data.tokenizer_path or os.path.join(config.init_from, "tokenizer.model")
         step = 0

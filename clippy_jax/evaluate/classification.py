@@ -2,6 +2,8 @@
 mean over a prompt-template ensemble of the class name's embeddings; an image is resized (shorter
 side), centre-cropped, and classified by the similarity of its pooled embedding; top-1 and top-5."""
 
+import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 
@@ -22,9 +24,15 @@ def preprocess(image: np.ndarray, resize: int, crop: int, method: str) -> np.nda
     return center_crop(geometry.resize_image(image, geometry.shorter_side_shape(image.shape, resize), method), crop)
 
 
+def predict(model: nn.Module, params, images: jax.Array, label_emb: jax.Array) -> jax.Array:
+    """Image-level logits [B, C]."""
+    return zero_shot.encode_image(model, params, images, label_emb)[0]
+
+
 def classification(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engine.EvalResult:
     """Top-1 / top-5 zero-shot accuracy on `task.dataset` with the class names of `task.classes` and
-    the templates of `task.templates` (files in `prompts/`; default CLIP's ImageNet names and 80 templates)."""
+    the templates of `task.templates` (files in `prompts/` or paths; default CLIP's ImageNet names and
+    80 templates)."""
     examples = engine.dataset_examples(ctx, task)
     class_names = zero_shot.read_lines(task.get("classes", "imagenet_classes.txt"))
     num_classes = examples.info.features["label"].num_classes
@@ -33,19 +41,15 @@ def classification(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> 
             f"{task.get('classes')} has {len(class_names)} names; {task.dataset} has {num_classes} classes."
         )
     templates = zero_shot.read_lines(task.get("templates", "imagenet_templates.txt"))
-    label_emb = zero_shot.label_embeddings(ctx.model, ctx.params, ctx.tokenizer, [[c] for c in class_names], templates)
+    label_emb = ctx.label_embeddings([[c] for c in class_names], templates)  # [C, E]
     resize, crop = task.get("resize", 224), task.get("crop", 224)
 
-    def predict(params, images, label_emb):
-        return zero_shot.encode_image(ctx.model, params, images, label_emb)[0]
-
-    runner = ctx.runner(predict, (crop, crop))
+    runner = ctx.runner(predict)
     top_k = tuple(task.get("top_k", (1, 5)))
     accuracy = {k: Accuracy(correct=np.int64(0), total=np.int64(0)) for k in top_k}
     for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, task.dataset)):
         images = [preprocess(e["image"], resize, crop, task.get("resize_method", "bicubic")) for e in chunk]
-        stacked = ctx.normalize(np.stack(images)) if images else np.zeros((0, crop, crop, 3), np.float32)
-        logits = runner(stacked, label_emb)
+        logits = runner(ctx.model_inputs(images, (crop, crop)), label_emb)
         if chunk:
             labels = np.asarray([e["label"] for e in chunk])
             for k in top_k:

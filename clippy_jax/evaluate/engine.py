@@ -10,6 +10,7 @@ collectives of sharded parameters line up. Metrics are then merged over hosts
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -24,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from clippy_jax.data import eval_datasets
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.evaluate import geometry
+from clippy_jax.evaluate import geometry, zero_shot
 from clippy_jax.train import sharding
 
 
@@ -44,6 +45,17 @@ class EvalContext:
     tokenizer: Tokenizer
     data_config: ml_collections.ConfigDict
     mesh: Mesh
+    _label_embeddings: dict = dataclasses.field(default_factory=dict)
+    _runners: dict = dataclasses.field(default_factory=dict)
+
+    def label_embeddings(self, prompts: Sequence[Sequence[str]], templates: Sequence[str] = ("{}",)) -> jax.Array:
+        """`zero_shot.label_embeddings`, computed once per prompt set (e.g. for ImageNet and ImageNet-V2)."""
+        key = (tuple(map(tuple, prompts)), tuple(templates))
+        if key not in self._label_embeddings:
+            self._label_embeddings[key] = zero_shot.label_embeddings(
+                self.model, self.params, self.tokenizer, prompts, templates
+            )
+        return self._label_embeddings[key]
 
     @property
     def local_batch_size(self) -> int:
@@ -52,11 +64,19 @@ class EvalContext:
             raise ValueError(f"config.eval.batch_size={batch_size} is not divisible by {jax.process_count()} hosts.")
         return batch_size // jax.process_count()
 
-    def normalize(self, images: np.ndarray) -> np.ndarray:
-        return geometry.normalize(images, self.data_config.mean, self.data_config.std)
+    def model_inputs(self, crops: Sequence[np.ndarray], window_shape: Sequence[int]) -> np.ndarray:
+        """Normalised float32 [n, h, w, 3] from crops in [0, 255] (n may be 0)."""
+        if not len(crops):
+            return np.zeros((0, *window_shape, 3), np.float32)
+        return geometry.normalize(np.stack(crops), self.data_config.mean, self.data_config.std)
 
-    def runner(self, fn: Callable, window_shape: Sequence[int]) -> "BatchRunner":
-        return BatchRunner(self, fn, tuple(window_shape))
+    def runner(self, fn: Callable, **static) -> "BatchRunner":
+        """The BatchRunner of `fn(model, params, images, *args, **static)`, one per (fn, static) so that
+        its compilations are reused by every evaluator of this context."""
+        key = (fn, tuple(sorted(static.items())))
+        if key not in self._runners:
+            self._runners[key] = BatchRunner(self, functools.partial(fn, self.model, **static))
+        return self._runners[key]
 
     def progress(self, total: int, desc: str) -> tqdm.tqdm:
         enabled = self.config.eval.get("progress", True) and jax.process_index() == 0
@@ -116,9 +136,8 @@ class BatchRunner:
     """Runs `fn(params, images [B, h, w, 3], *args)` -> pytree of [B, ...] arrays on global batches
     sharded over the mesh's batch axes; returns this host's rows as numpy."""
 
-    def __init__(self, ctx: EvalContext, fn: Callable, window_shape: tuple[int, int]):
+    def __init__(self, ctx: EvalContext, fn: Callable):
         self.ctx = ctx
-        self.window_shape = window_shape
         batch = sharding.batch_sharding(ctx.mesh)
 
         def apply(params, images, *args):
@@ -134,7 +153,7 @@ class BatchRunner:
         with jax.set_mesh(self.ctx.mesh):
             for step in range(sync_max(math.ceil(len(images) / size))):
                 chunk = images[step * size:(step + 1) * size]
-                padded = np.zeros((size, *self.window_shape, 3), np.float32)
+                padded = np.zeros((size, *images.shape[1:]), np.float32)
                 padded[: len(chunk)] = chunk
                 batch = sharding.global_batch({"image": padded}, self.ctx.mesh)["image"]
                 out = self.fn(self.ctx.params, batch, *args)
@@ -149,31 +168,28 @@ class BatchRunner:
 
 
 def dense_predictions(
-    ctx: EvalContext, examples: Examples, geo: geometry.Geometry, fn: Callable, *args, desc: str = "",
-    reduce: Callable[[jax.Array], np.ndarray] = lambda scores: np.asarray(scores.argmax(-1)),
+    ctx: EvalContext, examples: Examples, geo: geometry.Geometry, runner: BatchRunner, *args, desc: str = "",
 ) -> Iterator[tuple[dict, np.ndarray, dict]]:
-    """Yields (example, reduce(scores at label resolution), this example's other outputs) for every
-    local example, in order.
+    """Yields (example, argmax of the scores at label resolution [H, W], this example's other outputs)
+    for every local example, in order.
 
-    `fn(params, images, *args)` returns a dict with `scores` [B, gh, gw, K] per window (and other
-    per-window outputs, e.g. image-level `logits`, returned for the first window of each example).
-    Label resolution is the shape of `example["label"]`.
+    `runner(images, *args)` returns a dict with `scores` [B, gh, gw, K] per window (and other per-window
+    outputs, e.g. image-level `logits`, returned for the first window of each example). Label
+    resolution is the shape of `example["label"]`.
     """
-    runner = ctx.runner(fn, geo.window_shape)
     for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, desc)):
         crops, layout = [], []
         for example in chunk:
             windows, boxes, resized = geo.windows(example["image"])
             layout.append((len(crops), boxes, resized))
             crops.extend(windows)
-        stacked = ctx.normalize(np.stack(crops)) if crops else np.zeros((0, *geo.window_shape, 3), np.float32)
-        outputs = runner(stacked, *args)
+        outputs = runner(ctx.model_inputs(crops, geo.window_shape), *args)
         for example, (start, boxes, resized) in zip(chunk, layout):
             scores = geometry.to_label_resolution(
                 outputs["scores"][start:start + len(boxes)], boxes, resized, geo.window_shape, example["label"].shape
             )
             others = {k: v[start] for k, v in outputs.items() if k != "scores"}
-            yield example, reduce(scores), others
+            yield example, np.asarray(scores.argmax(-1)), others
 
 
 @dataclasses.dataclass

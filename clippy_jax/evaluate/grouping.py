@@ -20,6 +20,7 @@ pixel confusion matrix; mIoU and pixel accuracy follow from the matched confusio
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -56,6 +57,20 @@ def group_scores(dense: jax.Array, num_groups: int) -> jax.Array:
     mean, axes = principal_axes(flat, num_groups)
     scores = jnp.einsum("bne,bge->bng", flat - mean[:, None], axes)
     return scores.reshape(*dense.shape[:3], num_groups)
+
+
+def dense_features(model: nn.Module, params, images: jax.Array) -> jax.Array:
+    """Unit per-location embeddings [B, h, w, E]."""
+    return zero_shot.encode_image(model, params, images)[1]
+
+
+def predict_groups(model: nn.Module, params, images: jax.Array, *, num_groups: int) -> dict[str, jax.Array]:
+    return {"scores": group_scores(dense_features(model, params, images), num_groups)}
+
+
+def predict_clusters(model: nn.Module, params, images: jax.Array, weights: jax.Array, bias: jax.Array) -> dict:
+    """Linear cluster scores x.w_k + b_k [B, h, w, K] (cosine similarity for k-means centroids)."""
+    return {"scores": jnp.einsum("bhwe,ke->bhwk", dense_features(model, params, images), weights) + bias}
 
 
 def spherical_kmeans(x: np.ndarray, num_clusters: int, iterations: int, seed: int) -> np.ndarray:
@@ -99,15 +114,12 @@ def bottom_up(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engin
         raise ValueError("Bottom-up grouping runs PCA per image: use resize mode (window=0), not sliding windows.")
     num_groups = task.get("num_groups", 2)
 
-    def predict(params, images):
-        _, dense = zero_shot.encode_image(ctx.model, params, images)
-        return {"scores": group_scores(dense, num_groups)}
-
     jaccard = clu_metrics.Average.empty()
     overlays = []
     group_names = [f"group {i + 1}" for i in range(num_groups)]
     num_overlays = task.get("num_overlays", ctx.config.eval.num_overlays)
-    for example, groups, _ in engine.dense_predictions(ctx, examples, geometry, predict, desc=f"{task.dataset} groups"):
+    runner = ctx.runner(predict_groups, num_groups=num_groups)
+    for example, groups, _ in engine.dense_predictions(ctx, examples, geometry, runner, desc=f"{task.dataset} groups"):
         values = segment_jaccard(groups, example["label"], exclude=exclude)
         if len(values):
             jaccard = jaccard.merge(clu_metrics.Average.from_model_output(values=jnp.asarray(values, jnp.float32)))
@@ -131,15 +143,11 @@ def _sample_features(ctx: engine.EvalContext, task: ml_collections.ConfigDict, g
     per_window = task.get("samples_per_window", 64)
     rng = np.random.default_rng([task.get("seed", 0), jax.process_index()])
 
-    def features(params, images):
-        return zero_shot.encode_image(ctx.model, params, images)[1]
-
-    runner = ctx.runner(features, geometry.window_shape)
+    runner = ctx.runner(dense_features)
     samples = []
     for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, f"{task.dataset} features")):
         crops = [crop for example in chunk for crop in geometry.windows(example["image"])[0]]
-        stacked = ctx.normalize(np.stack(crops)) if crops else np.zeros((0, *geometry.window_shape, 3), np.float32)
-        dense = runner(stacked)
+        dense = runner(ctx.model_inputs(crops, geometry.window_shape))
         if dense is None or not len(dense):
             continue
         flat = dense.reshape(len(dense), -1, dense.shape[-1])  # [n, N, E]
@@ -173,15 +181,12 @@ def unsupervised_segmentation(ctx: engine.EvalContext, task: ml_collections.Conf
     else:
         raise ValueError(f"Unknown unsupervised clustering method {method!r}; choose 'kmeans' or 'pca'.")
 
-    def predict(params, images, weights, bias):
-        _, dense = zero_shot.encode_image(ctx.model, params, images)
-        return {"scores": jnp.einsum("bhwe,ke->bhwk", dense, weights) + bias}
-
     confusion = ConfusionMatrix(matrix=np.zeros((len(class_names), num_clusters), np.int64))
     kept = []
     num_overlays = task.get("num_overlays", ctx.config.eval.num_overlays)
     for example, clusters, _ in engine.dense_predictions(
-        ctx, examples, geometry, predict, jnp.asarray(weights), jnp.asarray(bias), desc=f"{task.dataset} clusters"
+        ctx, examples, geometry, ctx.runner(predict_clusters), jnp.asarray(weights), jnp.asarray(bias),
+        desc=f"{task.dataset} clusters",
     ):
         confusion = confusion.merge(ConfusionMatrix.from_model_output(
             predictions=clusters, labels=example["label"], num_classes=len(class_names), num_predictions=num_clusters

@@ -5,6 +5,8 @@ image (its largest object) from its pooled embedding."""
 
 from collections.abc import Sequence
 
+import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 
@@ -39,6 +41,12 @@ def iou_result(confusion: ConfusionMatrix, class_names: Sequence[str], overlays:
     )
 
 
+def predict(model: nn.Module, params, images: jax.Array, label_emb: jax.Array) -> dict[str, jax.Array]:
+    """Per-location logits `scores` [B, h, w, C] and image-level `logits` [B, C]."""
+    logits, dense = zero_shot.encode_image(model, params, images, label_emb)
+    return {"scores": zero_shot.location_logits(dense, label_emb), "logits": logits}
+
+
 def top_down(
     ctx: engine.EvalContext, examples: engine.Examples, class_names: Sequence[str],
     prompts: Sequence[Sequence[str]], geometry: Geometry, num_overlays: int, desc: str,
@@ -49,16 +57,12 @@ def top_down(
     Returns the confusion matrix and image-level accuracy merged over hosts, and this host's overlays.
     """
     num_classes = len(class_names)
-    label_emb = zero_shot.label_embeddings(ctx.model, ctx.params, ctx.tokenizer, prompts)  # [C, E]
-
-    def predict(params, images, label_emb):
-        logits, dense = zero_shot.encode_image(ctx.model, params, images, label_emb)
-        return {"scores": zero_shot.location_logits(dense, label_emb), "logits": logits}
+    label_emb = ctx.label_embeddings(prompts)  # [C, E]
 
     confusion = ConfusionMatrix(matrix=np.zeros((num_classes, num_classes), np.int64))
     accuracy = Accuracy(correct=np.int64(0), total=np.int64(0))
     overlays = []
-    predictions = engine.dense_predictions(ctx, examples, geometry, predict, label_emb, desc=desc)
+    predictions = engine.dense_predictions(ctx, examples, geometry, ctx.runner(predict), label_emb, desc=desc)
     for example, prediction, outputs in predictions:
         confusion = confusion.merge(
             ConfusionMatrix.from_model_output(predictions=prediction, labels=example["label"], num_classes=num_classes)

@@ -13,6 +13,7 @@ delta = accuracy on its usual background - accuracy on the other (landbirds: lan
 waterbirds: water - land), their mean, the mean over the four cells and the worst cell.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,29 +41,30 @@ def spatial_prediction(similarity: jax.Array) -> jax.Array:
     return jnp.where(won.any(axis=(1, 2))[:, None], best, fallback).argmax(axis=-1)
 
 
+def predict(model: nn.Module, params, images: jax.Array, category_emb: jax.Array) -> dict[str, jax.Array]:
+    """The predicted dataset label [B] and the similarities [B, h, w, 3] to the category embeddings."""
+    _, dense = zero_shot.encode_image(model, params, images)
+    similarity = zero_shot.location_logits(dense, category_emb)  # [B, h, w, 3]
+    flat = similarity.reshape(similarity.shape[0], -1, similarity.shape[-1])
+    return {"prediction": spatial_prediction(flat), "similarity": similarity}
+
+
 def waterbirds(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engine.EvalResult:
     """The 2 x 2 accuracy table of appendix H on `task.dataset` (the `waterbirds` builder's test split)."""
     examples = engine.dataset_examples(ctx, task)
     prompts = zero_shot.read_label_prompts(task.get("prompts", "waterbirds.txt"), CATEGORIES)
-    category_emb = zero_shot.label_embeddings(ctx.model, ctx.params, ctx.tokenizer, prompts)  # [3, E]
+    category_emb = ctx.label_embeddings(prompts)  # [3, E]
     geometry = Geometry.from_config(task)
     if geometry.window:
         raise ValueError("The Waterbirds evaluation decides per image on one patch grid: use resize mode (window=0).")
 
-    def predict(params, images, category_emb):
-        _, dense = zero_shot.encode_image(ctx.model, params, images)
-        similarity = zero_shot.location_logits(dense, category_emb)  # [B, h, w, 3]
-        flat = similarity.reshape(similarity.shape[0], -1, similarity.shape[-1])
-        return {"prediction": spatial_prediction(flat), "similarity": similarity}
-
-    runner = ctx.runner(predict, geometry.window_shape)
+    runner = ctx.runner(predict)
     cells = GroupAccuracy(correct=np.zeros(4, np.int64), total=np.zeros(4, np.int64))
     overlays = []
     num_overlays = task.get("num_overlays", ctx.config.eval.num_overlays)
     for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, "waterbirds")):
         crops = [geometry.windows(e["image"])[0][0] for e in chunk]
-        stacked = ctx.normalize(np.stack(crops)) if crops else np.zeros((0, *geometry.window_shape, 3), np.float32)
-        outputs = runner(stacked, category_emb)
+        outputs = runner(ctx.model_inputs(crops, geometry.window_shape), category_emb)
         if not chunk:
             continue
         labels = np.asarray([e["label"] for e in chunk])
