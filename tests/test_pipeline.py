@@ -8,6 +8,7 @@ keeps 29 examples and skips 3 bad images, 2 empty captions and 2 bad shards.
 import io
 import os
 import tarfile
+import threading
 
 import ml_collections
 import numpy as np
@@ -237,3 +238,37 @@ def test_unknown_source_and_empty_pattern_fail_naming_them(tokenizer, tmp_path):
     pattern = str(tmp_path / "nothing-*.tar")
     with pytest.raises(FileNotFoundError, match="nothing-"):
         pipeline.train_dataset(data_config(source="webdataset", train_pattern=pattern), tokenizer, 2, seed=0)
+
+
+@pytest.mark.parametrize("data_format", ["tfrecord", "tar"])
+def test_a_shard_cut_after_start_up_is_counted_or_stops_the_run_but_never_hangs(tmp_path, tokenizer, data_format):
+    """A TFRecord shard read short is a bad shard; a tar whose size changed cannot be read in blocks and
+    stops the pipeline with the reader's error (errors before decoding are never ignored)."""
+    directory = str(tmp_path / "shards")
+    _write_shards(directory, data_format)
+    source = "img2dataset_tfrecord" if data_format == "tfrecord" else "webdataset"
+    config = data_config(source=source, train_pattern=os.path.join(directory, f"train-0000[01].{data_format}"))
+    dataset = pipeline.train_dataset(config, tokenizer, 2, seed=0)
+    path = os.path.join(directory, f"train-00001.{data_format}")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) - 700])
+    outcome = []
+
+    def read() -> None:
+        iterator = pipeline.InputIterator(dataset)
+        try:
+            take(iterator, 20)
+            outcome.append(iterator.counters())
+        except tf.errors.InvalidArgumentError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert outcome, "the pipeline hung"
+    if data_format == "tfrecord":
+        assert outcome[0]["data/skipped_bad_shard"] >= 1
+    else:
+        assert isinstance(outcome[0], tf.errors.InvalidArgumentError) and "train-00001.tar" in str(outcome[0])
