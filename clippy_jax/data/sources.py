@@ -14,7 +14,9 @@ File sources list their shards with `tf.io.gfile` (local paths or `gs://`), give
 disjoint subset (`files[process_index::process_count]`), reshuffle the shard order every epoch
 and interleave `data.interleave` shards at a time, all from the seed, so the stream is
 deterministic and its iterator can be checkpointed. Shard sizes are read once at start-up: a
-shard is complete when its records account for every byte.
+shard is complete when its records account for every byte. A shard deleted since start-up reads
+as empty; one that exists but cannot be opened is an error that tf.data's `ignore_errors` (used
+for TFRecord read errors) would retry forever, so make shards readable before training.
 """
 
 import concurrent.futures
