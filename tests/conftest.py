@@ -1,7 +1,25 @@
 """Test session set-up: 8 forced host CPU devices (before JAX is imported) and quiet TensorFlow."""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# torch._dynamo loads triton when timm / transformers models are imported, and triton segfaults in a
+# process that has already imported TensorFlow; the CPU reference models never need it.
+sys.modules.setdefault("triton", None)
+
+
+import pytest  # noqa: E402
+
+TINY_RUN_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(workdir, completed process) of one tiny demo run: 10 steps, checkpoints at 8 and 10, results."""
+    from tests.helpers import run_main
+
+    workdir = str(tmp_path_factory.mktemp("tiny"))
+    return workdir, run_main(workdir, *TINY_RUN_FLAGS)

@@ -9,16 +9,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import TINY_RUN_FLAGS
 from tests.helpers import REPO, main_command, read_scalars, run_main
-
-RESUME_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("tiny"))
-    result = run_main(workdir, *RESUME_FLAGS)
-    return workdir, result
 
 
 def test_tiny_run_leaves_checkpoint_events_and_results(tiny_run):
@@ -41,7 +33,7 @@ def test_resume_after_kill_follows_the_uninterrupted_run(tiny_run, tmp_path):
     workdir = str(tmp_path)
     # The first run shares the demo data of the reference run so that only training differs.
     os.symlink(os.path.join(tiny_run[0], "data"), os.path.join(workdir, "data"))
-    process = subprocess.Popen(main_command(workdir, *RESUME_FLAGS), cwd=REPO, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(main_command(workdir, *TINY_RUN_FLAGS), cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and process.poll() is None:
@@ -51,7 +43,7 @@ def test_resume_after_kill_follows_the_uninterrupted_run(tiny_run, tmp_path):
     process.wait()
     assert not os.path.exists(os.path.join(workdir, "results.json")), "the run finished before it was killed"
 
-    result = run_main(workdir, *RESUME_FLAGS)
+    result = run_main(workdir, *TINY_RUN_FLAGS)
     assert "Resuming training at step 4" in result.stderr or "Resuming training at step 8" in result.stderr
     resumed = read_scalars(workdir, "train/loss")
     assert sorted(resumed) == list(range(1, 11))
