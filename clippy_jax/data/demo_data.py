@@ -115,7 +115,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
         data.train_pattern = os.path.join(directory, "train-*.tfrecord")
         data.eval_pattern = os.path.join(directory, "eval-*.tfrecord")
         data.tokenizer_path = os.path.join(directory, "tokenizer.model")
-    for key in ("train_pattern", "tokenizer_path"):
+    required = ("tokenizer_path",) if data.source == "tfds" else ("train_pattern", "tokenizer_path")
+    for key in required:
         if not data.get(key):
             raise ValueError(
                 f"config.data.{key} is required for data.source={data.source!r}; pass --config.data.{key}=..."
