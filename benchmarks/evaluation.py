@@ -5,7 +5,8 @@ over the mesh, per-location logits, bilinear upsampling to label resolution, arg
 
   .venv/bin/python benchmarks/evaluation.py [--images=16] [--batch_size=8]
 
-Images are 375 x 500 (VOC's most common size) random pixels with random labels; a randomly
+"model only" times the device part alone (resized windows in, per-location logits at the patch grid
+out). Images are 375 x 500 (VOC's most common size) random pixels with random labels; a randomly
 initialised model (the text tower is tiny: text encoding happens once per evaluation and is not
 timed). Reports wall-clock images/s and images per CPU-second of this process (the per-machine rate
 without the time lost to other processes on a shared machine), after one warm-up pass.
@@ -14,6 +15,8 @@ without the time lost to other processes on a shared machine), after one warm-up
 import os
 import sys
 import time
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in clippy_jax/evaluate/__main__.py
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Evaluation batch size (wind
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/clippy_eval_benchmark", "Where the tokenizer is written.")
 
 SETTINGS = [
+    ("model only (ViT-B/16 + per-location logits), 224 x 224", "model", Geometry(input_size=(224, 224))),
+    ("model only (ViT-B/16 + per-location logits), 448 x 448", "model", Geometry(input_size=(448, 448))),
     ("segmentation, 224 x 224 (196 tokens)", "segmentation", Geometry(input_size=(224, 224))),
     ("segmentation, 448 x 448 (784 tokens)", "segmentation", Geometry(input_size=(448, 448))),
     ("segmentation, 448 sliding windows (stride 298; 2 per image)", "segmentation",
@@ -69,6 +74,10 @@ def _examples(count: int, seed: int) -> engine.Examples:
 
 
 def _run(ctx: engine.EvalContext, kind: str, geometry: Geometry, prompts, count: int, seed: int) -> None:
+    if kind == "model":  # the device part alone: already resized windows in, logits at the patch grid out
+        windows = np.random.default_rng(seed).normal(size=(count, *geometry.window_shape, 3)).astype(np.float32)
+        ctx.runner(segmentation.predict)(windows, ctx.label_embeddings(prompts))
+        return
     examples = _examples(count, seed)
     if kind == "segmentation":
         segmentation.top_down(ctx, examples, VOC_CLASS_NAMES, prompts, geometry, 0, kind)

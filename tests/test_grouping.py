@@ -19,14 +19,15 @@ def _unit(rng, k, e):
     return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 
-def test_principal_axes_match_numpy_svd_with_the_sign_convention():
+@pytest.mark.parametrize(("n", "e"), [(40, 8), (8, 40)])  # covariance and Gram-matrix paths
+def test_principal_axes_match_numpy_svd_with_the_sign_convention(n, e):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 8)) * np.linspace(3, 0.5, 8)  # distinct variances: well-defined directions
+    x = rng.normal(size=(n, e)) * np.linspace(3, 0.5, e)  # distinct variances: well-defined directions
     mean, axes = grouping.principal_axes(jnp.asarray(x), 5)
     centred = x - x.mean(axis=0)
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     np.testing.assert_allclose(mean, x.mean(axis=0), atol=1e-5)
-    assert axes.shape == (5, 8)
+    assert axes.shape == (5, e)
     for i in range(3):
         v = vt[i] * np.sign(np.dot(axes[2 * i], vt[i]))
         np.testing.assert_allclose(axes[2 * i], v, atol=1e-4)  # +v_i

@@ -36,12 +36,23 @@ from clippy_jax.evaluate.segmentation import iou_result
 
 
 def principal_axes(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
-    """(mean [..., E], the first `num_groups` signed half-axes [..., G, E]) of features x [..., N, E]."""
+    """(mean [..., E], the first `num_groups` signed half-axes [..., G, E]) of features x [..., N, E].
+
+    The principal directions are the top eigenvectors of the covariance X^T X [E, E] or, when N < E,
+    X^T u for the top eigenvectors u of the Gram matrix X X^T [N, N]: whichever has full rank (XLA's
+    eigensolver and SVD are slow on rank-deficient or tall inputs)."""
     x = x.astype(jnp.float32)
     mean = x.mean(axis=-2)
     centred = x - mean[..., None, :]
-    _, _, vt = jnp.linalg.svd(centred, full_matrices=False)  # [..., min(N, E), E]
-    directions = vt[..., : math.ceil(num_groups / 2), :]  # [..., k, E]
+    k = math.ceil(num_groups / 2)
+    hp = jax.lax.Precision.HIGHEST
+    if x.shape[-2] < x.shape[-1]:
+        _, u = jnp.linalg.eigh(jnp.einsum("...ne,...me->...nm", centred, centred, precision=hp))  # ascending
+        directions = jnp.einsum("...ne,...nk->...ke", centred, u[..., ::-1][..., :k], precision=hp)
+        directions = directions / jnp.maximum(jnp.linalg.norm(directions, axis=-1, keepdims=True), 1e-12)
+    else:
+        _, v = jnp.linalg.eigh(jnp.einsum("...ne,...nf->...ef", centred, centred, precision=hp))
+        directions = jnp.swapaxes(v[..., ::-1][..., :k], -1, -2)  # [..., k, E]
     projections = jnp.einsum("...ne,...ke->...nk", centred, directions)
     extreme_index = jnp.abs(projections).argmax(axis=-2)[..., None, :]  # [..., 1, k]
     extreme = jnp.take_along_axis(projections, extreme_index, axis=-2)
