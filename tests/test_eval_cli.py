@@ -15,7 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from clippy_jax.data.eval_datasets import coco, imagenet
-from tests.helpers import REPO, run_main
+from tests.helpers import REPO
 from tests.test_eval_datasets import (
     COCO_THING_IDS,
     _annotation,
@@ -99,10 +99,9 @@ def _tags(workdir: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """A tiny demo training run, then one evaluation run of the synthetic and all paper tasks."""
-    train_dir = str(tmp_path_factory.mktemp("train"))
-    run_main(train_dir)
+def evaluated(tiny_run, tmp_path_factory):
+    """One evaluation run of the synthetic and all paper tasks on the tiny demo run's last checkpoint."""
+    train_dir = tiny_run[0]
     manual = tmp_path_factory.mktemp("manual")
     write_fixtures(manual)
     eval_dir = str(tmp_path_factory.mktemp("eval"))
@@ -126,9 +125,10 @@ def evaluated(tmp_path_factory):
 def test_cli_reproduces_the_demo_miou(evaluated):
     train_dir, _, results, _ = evaluated
     with open(os.path.join(train_dir, "results.json")) as f:
-        trained = json.load(f)["evaluations"]["synthetic_segmentation"]
+        trained = json.load(f)
+    assert results["step"] == trained["step"] == 10
+    trained = trained["evaluations"]["synthetic_segmentation"]
     ours = results["evaluations"]["synthetic"]
-    assert results["step"] == 6
     assert ours["miou"] == trained["miou"]
     assert ours["per_class_iou"] == trained["per_class_iou"]
     assert ours["classification_accuracy"] == trained["classification_accuracy"]

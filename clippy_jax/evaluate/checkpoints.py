@@ -96,7 +96,8 @@ def load(config: ml_collections.ConfigDict) -> Loaded:
         if train_config.data.get("source") == "synthetic":
             data = demo_data.prepare_data(train_config, workdir)
         else:
-            data.update({k: train_config.data[k] for k in ("mean", "std", "tokenizer_path", "max_text_length")})
+            keys = ("mean", "std", "tokenizer_path", "max_text_length")
+            data.update({k: train_config.data[k] for k in keys if k in train_config.data})
         model_config = train_config.model
         params = restore_params(step_dir)
         step = int(os.path.basename(step_dir.rstrip("/")))
