@@ -106,8 +106,9 @@ class Clippy:
         return zero_shot.label_embeddings(self.model, self.params, self.tokenizer, prompts, templates)
 
     def segment(self, image: np.ndarray, prompts: Sequence[str | Sequence[str]], render: bool = False) -> Segmentation:
-        """Top-down zero-shot segmentation: every pixel takes the label whose embedding (the mean over
-        its prompts) is most similar to the pixel's (upsampled) per-location similarity."""
+        """Top-down zero-shot segmentation: every pixel takes the label with the highest cosine similarity
+        (bilinearly upsampled from the patch grid) between the label's embedding, the normalised mean
+        over its prompts, and the per-location image embedding."""
         groups, names = _prompt_groups(prompts)
         label_emb = self.label_embeddings(groups)
         scores = self._score_map(image, lambda dense: zero_shot.location_logits(dense, label_emb))

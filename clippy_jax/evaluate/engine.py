@@ -60,8 +60,12 @@ class EvalContext:
     @property
     def local_batch_size(self) -> int:
         batch_size = self.config.eval.batch_size
-        if batch_size % jax.process_count():
-            raise ValueError(f"config.eval.batch_size={batch_size} is not divisible by {jax.process_count()} hosts.")
+        parallel = int(np.prod([self.mesh.shape[axis] for axis in sharding.BATCH_AXES]))
+        if batch_size % parallel or batch_size % jax.process_count():
+            raise ValueError(
+                f"config.eval.batch_size={batch_size} must be divisible by the {parallel} data-parallel devices "
+                f"and the {jax.process_count()} hosts."
+            )
         return batch_size // jax.process_count()
 
     def model_inputs(self, crops: Sequence[np.ndarray], window_shape: Sequence[int]) -> np.ndarray:

@@ -72,10 +72,11 @@ def shorter_side_shape(shape: Sequence[int], short_side: int, multiple: int = 1)
 
 
 def resize_image(image: np.ndarray, shape: Sequence[int], method: str = "bilinear") -> np.ndarray:
-    """uint8 or float [H, W, 3] -> float32 [h, w, 3] (antialiased); unchanged when already that size."""
+    """uint8 [H, W, 3] -> float32 [h, w, 3] in [0, 255] (antialiased; bicubic overshoot clipped, as
+    PIL's uint8 output); unchanged when already that size."""
     if tuple(image.shape[:2]) == tuple(shape):
         return image.astype(np.float32)
-    return tf.image.resize(image, tuple(shape), method=method, antialias=True).numpy()
+    return np.clip(tf.image.resize(image, tuple(shape), method=method, antialias=True).numpy(), 0.0, 255.0)
 
 
 def window_origins(length: int, window: int, stride: int) -> list[int]:
