@@ -149,29 +149,36 @@ def bottom_up(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engin
 
 
 def _sample_features(ctx: engine.EvalContext, task: ml_collections.ConfigDict, geometry: Geometry) -> np.ndarray:
-    """`task.samples_per_window` random per-location embeddings of every window, from all hosts."""
+    """`task.samples_per_window` random per-location embeddings of every window of the split, in
+    example order; example k draws its locations with the seed (task.seed, k), so the sample does not
+    depend on how the examples are spread over hosts."""
     examples = engine.dataset_examples(ctx, task)
     per_window = task.get("samples_per_window", 64)
-    rng = np.random.default_rng([task.get("seed", 0), jax.process_index()])
-
     runner = ctx.runner(dense_features)
-    samples = []
+    samples, owners, position = [], [], 0
     for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, f"{task.dataset} features")):
-        crops = [crop for example in chunk for crop in geometry.windows(example["image"])[0]]
-        dense = runner(ctx.model_inputs(crops, geometry.window_shape))
-        if dense is None or not len(dense):
-            continue
-        flat = dense.reshape(len(dense), -1, dense.shape[-1])  # [n, N, E]
-        picks = np.stack([rng.choice(flat.shape[1], min(per_window, flat.shape[1]), replace=False) for _ in flat])
-        samples.append(np.take_along_axis(flat, picks[..., None], axis=1).reshape(-1, flat.shape[-1]))
+        windows = [geometry.windows(example["image"])[0] for example in chunk]
+        dense = runner(ctx.model_inputs([c for crops in windows for c in crops], geometry.window_shape))
+        start = 0
+        for crops in windows:
+            index = jax.process_index() + jax.process_count() * position  # the example's index in the split
+            rng = np.random.default_rng([task.get("seed", 0), index])
+            flat = dense[start:start + len(crops)].reshape(len(crops), -1, dense.shape[-1])  # [n, N, E]
+            for locations in flat:
+                samples.append(locations[rng.choice(len(locations), min(per_window, len(locations)), replace=False)])
+                owners.append(np.full(len(samples[-1]), index))
+            start, position = start + len(crops), position + 1
     local = np.concatenate(samples) if samples else np.zeros((0, ctx.model.embed_dim), np.float32)
-    if jax.process_count() == 1:
-        return local
-    count = engine.sync_max(len(local))
-    padded = np.zeros((count, local.shape[1]), np.float32)
-    padded[: len(local)] = local
-    gathered = multihost_utils.process_allgather(dict(x=padded, n=np.asarray(len(local))))
-    return np.concatenate([x[:n] for x, n in zip(gathered["x"], gathered["n"])])
+    owner = np.concatenate(owners) if owners else np.zeros(0, np.int64)
+    if jax.process_count() > 1:
+        count = engine.sync_max(len(local))
+        gathered = multihost_utils.process_allgather(dict(
+            x=np.pad(local, ((0, count - len(local)), (0, 0))), owner=np.pad(owner, (0, count - len(owner))),
+            n=np.asarray(len(local)),
+        ))
+        local = np.concatenate([x[:n] for x, n in zip(gathered["x"], gathered["n"])])
+        owner = np.concatenate([o[:n] for o, n in zip(gathered["owner"], gathered["n"])])
+    return local[np.argsort(owner, kind="stable")]
 
 
 def unsupervised_segmentation(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engine.EvalResult:
