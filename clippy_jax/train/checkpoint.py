@@ -29,9 +29,6 @@ class Checkpointer:
     def _data_dir(self, step: int) -> str:
         return os.path.join(self.directory, "data", str(step), f"process_{jax.process_index()}")
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def restore(self, abstract_state, iterator: InputIterator | None):
         """Restores the latest step into `abstract_state`'s shapes and shardings; None if none."""
         step = self.manager.latest_step()
