@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
+# Transparent huge pages for malloc: XLA:CPU maps fresh buffers every step, and with 4 KiB pages the
+# page faults cost ~25% of a CPU step (BENCHMARKS.md, "CPU memory pages"). No effect where THP is off.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test ablation lint
 
