@@ -5,6 +5,7 @@ arguments, e.g. `--config=configs/demo.py:pool=avg`.
 """
 
 import os
+import sys
 
 import jax
 import tensorflow as tf
@@ -19,6 +20,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Directory for checkpoints, logs and results.")
 
 
+def _suggest_huge_pages() -> None:
+    """XLA:CPU maps fresh buffers every step; on Linux, glibc can back them with huge pages (BENCHMARKS.md)."""
+    if jax.default_backend() == "cpu" and sys.platform == "linux" and "hugetlb" not in os.environ.get(
+            "GLIBC_TUNABLES", ""):
+        logging.info("Training on the CPU: export GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before starting Python for "
+                     "about 25% faster steps (BENCHMARKS.md, 'CPU memory pages'; `make demo` does it).")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -26,6 +35,7 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     logging.info("JAX process %d of %d, %d local devices, %d in all.", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+    _suggest_huge_pages()
     workdir = _WORKDIR.value
     if not workdir.startswith("gs://"):
         workdir = os.path.abspath(workdir)
