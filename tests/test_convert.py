@@ -1,17 +1,10 @@
 """`python -m clippy_jax.convert` for every kind, the orbax output that `load_pretrained` reads, the
 merge into an initialised model, and the errors that name missing, unexpected and mis-shaped keys."""
 
-# ruff: noqa: E402
-import sys
-
-# timm, torchvision and transformers' models import torch._dynamo, which loads triton; triton's LLVM crashes
-# the process (SIGSEGV) when TensorFlow was imported first, as earlier test modules do. CPU tests never
-# need triton, so torch is told it is absent.
-sys.modules.setdefault("triton", None)
-
 import json
 import os
 import subprocess
+import sys
 
 import flax.linen as nn
 import jax

@@ -1,16 +1,9 @@
 """`python -m clippy_jax.summary`: parameter counts equal timm's ViT-B/16 and transformers' T5-base
 encoders, and GFLOPs come from XLA's cost analysis."""
 
-# ruff: noqa: E402
-import sys
-
-# timm, torchvision and transformers' models import torch._dynamo, which loads triton; triton's LLVM crashes
-# the process (SIGSEGV) when TensorFlow was imported first, as earlier test modules do. CPU tests never
-# need triton, so torch is told it is absent.
-sys.modules.setdefault("triton", None)
-
 import os
 import subprocess
+import sys
 
 import ml_collections
 import pytest

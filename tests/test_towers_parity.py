@@ -2,14 +2,6 @@
 checkpoint give the PyTorch outputs (max abs diff <= 1e-4 in float32), and the soft pooling heads
 behave as appendix A.3 describes."""
 
-# ruff: noqa: E402
-import sys
-
-# timm, torchvision and transformers' models import torch._dynamo, which loads triton; triton's LLVM crashes
-# the process (SIGSEGV) when TensorFlow was imported first, as earlier test modules do. CPU tests never
-# need triton, so torch is told it is absent.
-sys.modules.setdefault("triton", None)
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
