@@ -41,8 +41,8 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         prefetch=4,
     )
     config.model = dict(
-        image=dict(**VIT_B16, posemb_grid=(14, 14), use_cls_token=True, remat=False),
-        text=dict(**T5_BASE, remat=False),
+        image=dict(**VIT_B16, posemb_grid=(14, 14), use_cls_token=True, remat="none"),
+        text=dict(**T5_BASE, remat="none"),
         image_pool="max",  # CLIPpy's spatial max (Sec. 3)
         text_pool="mean",  # average pooling of tokens (appendix Tab. 8)
         embed_dim=512,

@@ -265,7 +265,7 @@ def test_open_clip_clippy_matches_pytorch(clippy_parts, layout, tmp_path):
             _close(f"clippy_{layout}_{size}/dense", dense, F.normalize(features[:, 1:], dim=-1))
 
 
-def _small_two_tower(image_pool: str, remat: bool = False, **overrides):
+def _small_two_tower(image_pool: str, remat: str = "none", **overrides):
     config = dict(
         image=dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), remat=remat),
         text=dict(vocab_size=64, embed_dim=32, depth=1, num_heads=2, head_dim=16, mlp_dim=64, remat=remat),
@@ -307,7 +307,7 @@ def test_text_similarity_pool_gives_pair_embeddings_and_a_contrastive_loss():
 
 
 def test_every_parameter_has_logical_axes_and_bf16_compute_keeps_f32_params():
-    model, batch = _small_two_tower("wmp", remat=True, dtype="bfloat16")
+    model, batch = _small_two_tower("wmp", remat="dots", dtype="bfloat16")
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), batch)["params"])
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     unnamed = [x for x in leaves if not isinstance(x, nn.Partitioned) and x.shape != ()]  # logit_scale is a scalar

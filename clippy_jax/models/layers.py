@@ -65,23 +65,46 @@ class DenseGeneral(nn.Module):
         return y
 
 
+# Attention kernels of `jax.nn.dot_product_attention`: 'auto' takes cuDNN's flash attention on a GPU
+# for 16-bit compute where cuDNN supports the shapes, and XLA's kernel elsewhere.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(
+    name: str, dtype: Dtype, head_dim: int, length: int, has_bias: bool
+) -> str:
+    """The `implementation` argument of `jax.nn.dot_product_attention` for a tower's `attention` setting."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention={name!r}; choose from {ATTENTION_IMPLEMENTATIONS}.")
+    if name != "auto":
+        return name
+    cudnn_shapes = head_dim % 8 == 0 and head_dim <= 128 and not (has_bias and length % 2)
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 and cudnn_shapes else "xla"
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention with t5x's `query/key/value` kernels [embed, heads, kv] and `out`
-    kernel [heads, kv, embed].
+    kernel [heads, kv, embed], computed by `jax.nn.dot_product_attention`.
 
     `scale_logits=False` is T5's convention (the 1/sqrt(d) factor lives in the query initialiser).
+    `attention` is one of `ATTENTION_IMPLEMENTATIONS`.
     """
 
     num_heads: int
     head_dim: int
     use_bias: bool = True
     scale_logits: bool = True
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-        """x: [B, L, D]; bias: additive attention bias broadcastable to [B, H, L, L]."""
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, lengths: jax.Array | None = None
+    ) -> jax.Array:
+        """x: [B, L, D]; bias: additive attention bias [1, H, L, L]; lengths: [B] int32 number of real
+        (leading) tokens per row, the rest being right padding that no query attends to."""
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
         heads = (self.num_heads, self.head_dim)
         query_scale = 1.0 if self.scale_logits else 1.0 / self.head_dim
@@ -90,13 +113,19 @@ class MultiHeadAttention(nn.Module):
         value = DenseGeneral(heads, ("embed", "heads", "kv"), name="value", **kw)(x)
         axes = ("batch", "length", "heads", "kv")
         query, key, value = (nn.with_logical_constraint(t, axes) for t in (query, key, value))
-        if self.scale_logits:
-            query = query / jnp.sqrt(self.head_dim).astype(query.dtype)
-        logits = jnp.einsum("bqhk,bvhk->bhqv", query, key).astype(jnp.float32)  # [B, H, L, L]
-        if bias is not None:
-            logits = logits + bias
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = nn.with_logical_constraint(jnp.einsum("bhqv,bvhk->bqhk", weights, value), axes)  # [B, L, H, K]
+        implementation = attention_implementation(
+            self.attention, self.dtype, self.head_dim, x.shape[1], bias is not None
+        )
+        if bias is not None and implementation == "cudnn":
+            bias = bias.astype(self.dtype)  # cuDNN takes the bias in the compute dtype; XLA adds it in float32
+        out = jax.nn.dot_product_attention(
+            query, key, value,
+            bias=bias,
+            scale=(1.0 / self.head_dim**0.5) if self.scale_logits else 1.0,
+            key_value_seq_lengths=lengths,
+            implementation=implementation,
+        )  # [B, L, H, K]
+        out = nn.with_logical_constraint(out, axes)
         return DenseGeneral((x.shape[-1],), ("heads", "kv", "embed"), num_contract=2, name="out", **kw)(out)
 
 
@@ -163,19 +192,40 @@ class TransformerBlock(nn.Module):
     use_bias: bool = True
     scale_logits: bool = True
     epsilon: float = 1e-6
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-        """x: [B, L, D]; bias: additive attention bias [B or 1, H or 1, L, L]."""
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, lengths: jax.Array | None = None
+    ) -> jax.Array:
+        """x: [B, L, D]; bias: additive attention bias [1, H, L, L]; lengths: [B] real tokens per row."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         y = layer_norm(self.norm, name="pre_attention_layer_norm", epsilon=self.epsilon, **kw)(x)
         y = MultiHeadAttention(
-            self.num_heads, self.head_dim, self.use_bias, self.scale_logits, name="attention", **kw
-        )(y, bias)
+            self.num_heads, self.head_dim, self.use_bias, self.scale_logits, self.attention, name="attention", **kw
+        )(y, bias, lengths)
         x = x + y
         y = layer_norm(self.norm, name="pre_mlp_layer_norm", epsilon=self.epsilon, **kw)(x)
         y = MlpBlock(self.mlp_dim, tuple(self.activations), self.use_bias, name="mlp", **kw)(y)
         x = x + y
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+# What a rematerialised block keeps for the backward pass ('none': no rematerialisation). 'dots' keeps
+# the outputs of the weight matmuls and recomputes the attention matrices, norms and activations;
+# 'full' keeps only the block's input.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def transformer_block(remat: str) -> type[TransformerBlock]:
+    """`TransformerBlock`, rematerialised by the named policy of `REMAT_POLICIES` (or 'none')."""
+    if remat == "none":
+        return TransformerBlock
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat={remat!r}; choose 'none' or one of {sorted(REMAT_POLICIES)}.")
+    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[remat])

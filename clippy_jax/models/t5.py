@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clippy_jax.models.layers import Dtype, TransformerBlock, dense_init, layer_norm
+from clippy_jax.models.layers import Dtype, dense_init, layer_norm, transformer_block
 
 # name: (embed, depth, num_heads, head_dim, mlp_dim) of the encoder: HF's t5-small/base/large configs
 # (d_model, num_layers, num_heads, d_kv, d_ff); 'tiny' is ours, for tests.
@@ -74,7 +74,8 @@ class RelativePositionBiases(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    """Token ids [B, L] (0 = padding) -> token features [B, L, D] after the final RMSNorm."""
+    """Token ids [B, L] (0 = padding, always after the real tokens) -> token features [B, L, D] after
+    the final RMSNorm. `remat` and `attention` as in `VisionTransformer`."""
 
     vocab_size: int = 32128
     embed_dim: int = 768
@@ -86,7 +87,8 @@ class T5Encoder(nn.Module):
     num_buckets: int = 32
     max_distance: int = 128
     epsilon: float = 1e-6
-    remat: bool = False
+    remat: str = "none"
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -113,9 +115,10 @@ class T5Encoder(nn.Module):
             max_distance=self.max_distance,
             epsilon=self.epsilon,
             remat=self.remat,
+            attention=self.attention,
             name="encoder",
             **kw,
-        )(x, tokens > 0)
+        )(x, jnp.sum(tokens > 0, axis=1, dtype=jnp.int32))
 
 
 class _T5Stack(nn.Module):
@@ -127,19 +130,19 @@ class _T5Stack(nn.Module):
     num_buckets: int
     max_distance: int
     epsilon: float
-    remat: bool
+    remat: str
+    attention: str
     dtype: Dtype
     param_dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        """x: [B, L, D]; mask: [B, L] bool, True for real tokens."""
+    def __call__(self, x: jax.Array, lengths: jax.Array) -> jax.Array:
+        """x: [B, L, D]; lengths: [B] int32 number of real tokens (the rest is right padding)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         bias = RelativePositionBiases(
             self.num_heads, self.num_buckets, self.max_distance, self.param_dtype, name="relpos_bias"
-        )(x.shape[1])
-        bias = bias + jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)  # [B, H, L, L]
-        block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+        )(x.shape[1])  # [1, H, L, L]
+        block = transformer_block(self.remat)
         for i in range(self.depth):
             x = block(
                 num_heads=self.num_heads,
@@ -150,9 +153,10 @@ class _T5Stack(nn.Module):
                 use_bias=False,
                 scale_logits=False,
                 epsilon=self.epsilon,
+                attention=self.attention,
                 name=f"layers_{i}",
                 **kw,
-            )(x, bias)
+            )(x, bias, lengths)
         x = layer_norm("rms", name="encoder_norm", epsilon=self.epsilon, **kw)(x)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 

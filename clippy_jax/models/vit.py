@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clippy_jax.models.layers import Dtype, TransformerBlock, dense_init, layer_norm
+from clippy_jax.models.layers import Dtype, dense_init, layer_norm, transformer_block
 from clippy_jax.models.resample import resample_grid
 
 # name: (width, depth, mlp_dim, num_heads), as in the ViT paper and timm.
@@ -46,7 +46,9 @@ class VisionTransformer(nn.Module):
       use_cls_token: prepend a learned CLS token (timm's cls position embedding is folded into it).
       norm_placement: one of `NORM_PLACEMENTS`; with 'post_pool' the returned tokens are not yet
         normalised and `pool_norm` must be applied after pooling (and to dense per-location tokens).
-      remat: rematerialise each block in the backward pass (saves activation memory).
+      remat: what each block keeps for the backward pass: 'none', or a policy of
+        `layers.REMAT_POLICIES` ('dots', 'full') that trades recomputation for activation memory.
+      attention: the attention kernel, one of `layers.ATTENTION_IMPLEMENTATIONS`.
       dtype: compute dtype (e.g. bfloat16); param_dtype: storage dtype of the parameters.
     """
 
@@ -58,7 +60,8 @@ class VisionTransformer(nn.Module):
     posemb_grid: Sequence[int] = (14, 14)
     use_cls_token: bool = True
     norm_placement: str = "pre_pool"
-    remat: bool = False
+    remat: str = "none"
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -83,7 +86,7 @@ class VisionTransformer(nn.Module):
                 "cls", dense_init((None, None, "embed"), nn.initializers.normal(stddev=1e-6)), (1, 1, self.width),
                 self.param_dtype,
             )
-        block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+        block = transformer_block(self.remat)
         self.encoderblock = [
             block(
                 num_heads=self.num_heads,
@@ -91,6 +94,7 @@ class VisionTransformer(nn.Module):
                 mlp_dim=self.mlp_dim,
                 norm="layer",
                 activations=("gelu",),
+                attention=self.attention,
                 **kw,
             )
             for _ in range(self.depth)

@@ -36,9 +36,9 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
     return float(analysis["flops"])
 
 
-def measured_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a float32 [size, size] matmul on the default device (the CPU's practical peak)."""
-    a = jnp.ones((size, size), jnp.float32)
+def measured_matmul_peak(size: int = 2048, repeats: int = 5, dtype: jnp.dtype = jnp.float32) -> float:
+    """FLOP/s of a [size, size] matmul in `dtype` on the default device (the CPU's practical peak)."""
+    a = jnp.ones((size, size), dtype)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     start = time.perf_counter()

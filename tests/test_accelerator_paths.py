@@ -1,0 +1,114 @@
+"""The code paths taken on accelerators, checked on the CPU against independent references:
+`jax.nn.dot_product_attention` with T5's bias and right padding, the remat policies, and the training
+core importing without TensorFlow (the GPU machine has none)."""
+
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clippy_jax.models.layers import MultiHeadAttention, attention_implementation
+from clippy_jax.models.t5 import T5Encoder
+
+
+def _reference_attention(params: dict, x: np.ndarray, bias: np.ndarray | None, lengths: np.ndarray | None,
+                         scale_logits: bool) -> np.ndarray:
+    """The einsum formula in float64: softmax(q k^T (/ sqrt(d)) + bias, padded keys excluded) v."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    x = x.astype(np.float64)
+    q, k, v = (np.einsum("bld,dhk->blhk", x, p[n]["kernel"]) + p[n].get("bias", 0) for n in ("query", "key", "value"))
+    logits = np.einsum("bqhk,bvhk->bhqv", q, k)
+    if scale_logits:
+        logits /= np.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    if lengths is not None:
+        logits = np.where(np.arange(x.shape[1])[None, None, None, :] < lengths[:, None, None, None], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = np.einsum("bhqv,bvhk->bqhk", weights, v)
+    return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"].get("bias", 0)
+
+
+@pytest.mark.parametrize("t5_style", [False, True], ids=["vit", "t5_bias_and_padding"])
+def test_dot_product_attention_equals_the_einsum_formula(t5_style):
+    rng = np.random.default_rng(0)
+    batch, length, heads, head_dim = 3, 10, 4, 8
+    x = rng.normal(size=(batch, length, heads * head_dim)).astype(np.float32)
+    bias = lengths = None
+    if t5_style:
+        bias = rng.normal(size=(1, heads, length, length)).astype(np.float32)
+        lengths = np.array([10, 4, 1], np.int32)  # a full row, a padded row, a single real token
+    module = MultiHeadAttention(heads, head_dim, use_bias=not t5_style, scale_logits=not t5_style)
+    params = nn.unbox(module.init(jax.random.key(0), x, bias, lengths))["params"]
+    out = np.asarray(jax.jit(module.apply)({"params": params}, x, bias, lengths))
+    expected = _reference_attention(params, x, bias, lengths, scale_logits=not t5_style)
+    # Padded rows (queries at padding) too: they attend to the real keys, as t5x computes them.
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
+def test_padding_does_not_leak_into_real_tokens():
+    """Real tokens' features do not depend on what the padded positions hold."""
+    encoder = T5Encoder(vocab_size=50, embed_dim=32, depth=2, num_heads=4, head_dim=8, mlp_dim=64)
+    tokens = np.array([[5, 6, 7, 1, 0, 0], [9, 1, 0, 0, 0, 0]], np.int32)
+    params = jax.jit(encoder.init)(jax.random.key(0), tokens)
+    features = jax.jit(encoder.apply)(params, tokens)
+    # Same real tokens, longer padding: the padded positions hold other features but change nothing.
+    longer = np.pad(tokens, ((0, 0), (0, 4)))
+    features_longer = jax.jit(encoder.apply)(params, longer)
+    mask = tokens > 0
+    np.testing.assert_allclose(np.asarray(features)[mask], np.asarray(features_longer)[:, :6][mask], atol=1e-5)
+
+
+def test_cudnn_is_chosen_only_on_gpu_for_16_bit_shapes_it_supports():
+    assert jax.default_backend() == "cpu"
+    assert attention_implementation("auto", jnp.bfloat16, 64, 64, has_bias=True) == "xla"
+    assert attention_implementation("cudnn", jnp.bfloat16, 64, 64, has_bias=True) == "cudnn"
+    with pytest.raises(ValueError, match="attention='flash'"):
+        attention_implementation("flash", jnp.float32, 64, 64, has_bias=False)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_policies_give_the_same_gradients_with_fewer_saved_activations(remat):
+    from clippy_jax.models.vit import VisionTransformer
+
+    kw = dict(patch_size=4, width=32, depth=2, mlp_dim=64, num_heads=4, posemb_grid=(4, 4))
+    images = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    plain, rematerialised = VisionTransformer(**kw), VisionTransformer(**kw, remat=remat)
+    params = nn.unbox(jax.jit(plain.init)(jax.random.key(0), images))
+
+    def loss(model):
+        return lambda p: jnp.sum(model.apply(p, images)[0] ** 2)
+
+    grads = jax.jit(jax.grad(loss(plain)))(params)
+    grads_remat = jax.jit(jax.grad(loss(rematerialised)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads, grads_remat)
+
+    def saved_bytes(model) -> int:
+        _, residuals = jax.vjp(loss(model), params)
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(residuals))
+
+    assert saved_bytes(rematerialised) < saved_bytes(plain)
+
+
+def test_remat_rejects_unknown_policies():
+    from clippy_jax.models.layers import transformer_block
+
+    with pytest.raises(ValueError, match="remat='some'"):
+        transformer_block("some")
+
+
+def test_training_core_imports_without_tensorflow():
+    """Model, loss, optimiser, train step and sharding import with TensorFlow blocked (as on the GPU
+    machine, which has none); the TensorFlow-free train-step benchmark runs a step that way."""
+    code = (
+        "import sys; sys.modules['tensorflow'] = None\n"
+        "import clippy_jax.models, clippy_jax.models.two_tower, clippy_jax.train.loss, clippy_jax.train.optimizer\n"
+        "import clippy_jax.train.step, clippy_jax.train.sharding, clippy_jax.train.perf\n"
+        "assert 'tensorflow' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
