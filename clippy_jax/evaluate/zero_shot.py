@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clippy_jax.data.tokenizer import Tokenizer
+from clippy_jax.models import vit
 from clippy_jax.models.pooling import IMAGE_POOLS
 from clippy_jax.models.two_tower import l2_normalize, pair_similarity
 from clippy_jax.models.vit import VisionTransformer
@@ -46,6 +47,11 @@ def patch_size(model: nn.Module) -> int:
     return int(model.image.get("patch_size", VisionTransformer.patch_size))
 
 
+def patch_grid(model: nn.Module, image_shape: Sequence[int]) -> tuple[int, int]:
+    """(gh, gw) of the model's patch grid (its patch size and stride) on an (H, W) image."""
+    return vit.patch_grid(image_shape, patch_size(model), model.image.get("patch_stride"))
+
+
 def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence[str],
                  batch_size: int = TEXT_BATCH_SIZE) -> jax.Array:
     """[T, E] unit text embeddings, in chunks of `batch_size` texts.
@@ -76,16 +82,15 @@ def encode_image(
     model: nn.Module, params, images: jax.Array, label_emb: jax.Array | None = None
 ) -> tuple[jax.Array | None, jax.Array]:
     """(image-level logits [B, C] against unit label embeddings [C, E], or None without them; unit
-    per-location embeddings [B, H/p, W/p, E]) of normalised images [B, H, W, 3]. Text-conditioned
-    heads pool once per label (per-location embeddings do not depend on the labels)."""
+    per-location embeddings [B, gh, gw, E] on the model's patch grid) of normalised images [B, H, W, 3].
+    Text-conditioned heads pool once per label (per-location embeddings do not depend on the labels)."""
     conditioning = None
     if IMAGE_POOLS[model.image_pool].text_conditioned:
         conditioning = jnp.zeros((1, model.embed_dim), jnp.float32) if label_emb is None else label_emb
     pooled, dense = model.apply(
         {"params": params}, images, dense=True, text_emb=conditioning, method=model.encode_image
     )
-    p = patch_size(model)
-    dense = dense.reshape(dense.shape[0], images.shape[1] // p, images.shape[2] // p, dense.shape[-1])
+    dense = dense.reshape(dense.shape[0], *patch_grid(model, images.shape[1:3]), dense.shape[-1])
     return (None if label_emb is None else pair_similarity(pooled, label_emb)), dense
 
 
