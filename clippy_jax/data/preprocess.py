@@ -46,9 +46,10 @@ def normalize(pixels: tf.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (tf.cast(pixels, tf.float32) / 255.0 - mean) / std
 
 
-def patchify(image: tf.Tensor, patch_size: int, stride: int) -> tf.Tensor:
-    """[H, W, C] -> [gh * gw, p * p * C], the p x p windows `stride` pixels apart (overlapping when
-    stride < p), row-major over the grid and flattened (p1 p2 c), as `models.vit.patchify`."""
+def patchify(image: tf.Tensor, patch_size: int, stride: int | None = None) -> tf.Tensor:
+    """[H, W, C] -> [gh * gw, p * p * C], the p x p windows `stride` pixels apart (default: p; overlapping
+    when smaller), row-major over the grid and flattened (p1 p2 c), as `models.vit.patchify`."""
+    stride = stride or patch_size
     windows = tf.image.extract_patches(image[None], sizes=[1, patch_size, patch_size, 1],
                                        strides=[1, stride, stride, 1], rates=[1, 1, 1, 1], padding="VALID")
     return tf.reshape(windows, [-1, patch_size * patch_size * image.shape[-1]])  # [gh * gw, p * p * C]
@@ -56,13 +57,13 @@ def patchify(image: tf.Tensor, patch_size: int, stride: int) -> tf.Tensor:
 
 def drop_patches(image: tf.Tensor, patch_size: int, keep: int, seed: tf.Tensor,
                  stride: int | None = None) -> dict[str, tf.Tensor]:
-    """Keeps a uniformly random subset of `keep` patches of the grid at `stride` (default: the patch
-    size; smaller: overlapping patches, paper appendix E) (paper appendix D.4, E).
+    """Keeps a uniformly random subset of `keep` patches (paper appendix D.4, E) of the grid at
+    `stride` (default: the patch size; smaller: overlapping patches, appendix E).
 
     Returns `patches` [keep, p * p * C] and their sorted grid `patch_indices` [keep] int32, so that
     only the kept pixels travel to the device.
     """
-    patches = patchify(image, patch_size, stride or patch_size)
+    patches = patchify(image, patch_size, stride)
     scores = tf.random.stateless_uniform([patches.shape[0]], seed)
     indices = tf.sort(tf.argsort(scores)[:keep])
     return dict(patches=tf.gather(patches, indices), patch_indices=tf.cast(indices, tf.int32))
