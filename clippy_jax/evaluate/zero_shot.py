@@ -17,6 +17,9 @@ from clippy_jax.models.vit import VisionTransformer
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TEXT_BATCH_SIZE = 2048
+# Named prompt templates (`fill_template`): the bare prompt (the paper's segmentation prompts), and
+# kahnchana/clippy's VOC template "a photo of a/an {}".
+TEMPLATES = {"none": ("{}",), "photo": ("a photo of {a} {}",)}
 
 
 def read_lines(filename: str) -> list[str]:
@@ -43,6 +46,11 @@ def read_label_prompts(filename: str, class_names: Sequence[str]) -> list[list[s
     return [table[c] for c in class_names]
 
 
+def read_templates(name: str) -> tuple[str, ...]:
+    """Prompt templates by name (`TEMPLATES`) or from a file of one template per line (`prompts/` or a path)."""
+    return TEMPLATES[name] if name in TEMPLATES else tuple(read_lines(name))
+
+
 def patch_size(model: nn.Module) -> int:
     return int(model.image.get("patch_size", VisionTransformer.patch_size))
 
@@ -66,13 +74,19 @@ def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence
     return jnp.concatenate(chunks)
 
 
+def fill_template(template: str, prompt: str) -> str:
+    """`template` with `{}` replaced by the prompt and `{a}` by its indefinite article ('an' before a
+    vowel letter, else 'a', as kahnchana/clippy's "a photo of a/an {}")."""
+    return template.format(prompt, a="an" if prompt[:1].lower() in "aeiou" else "a")
+
+
 def label_embeddings(
     model: nn.Module, params, tokenizer: Tokenizer, prompts: Sequence[Sequence[str]], templates: Sequence[str] = ("{}",)
 ) -> jax.Array:
     """[C, E]: each label is the normalised mean of the embeddings of its prompts x templates
     (appendix I: "the average embedding across all prompts ... is associated with each label";
-    CLIP's prompt ensembling for ImageNet)."""
-    texts = [[t.format(p) for p in label_prompts for t in templates] for label_prompts in prompts]
+    CLIP's prompt ensembling for ImageNet); templates as in `fill_template`."""
+    texts = [[fill_template(t, p) for p in label_prompts for t in templates] for label_prompts in prompts]
     emb = encode_texts(model, params, tokenizer, [text for group in texts for text in group])  # [T, E]
     bounds = np.cumsum([0] + [len(g) for g in texts])
     return jnp.stack([l2_normalize(emb[a:b].mean(axis=0)) for a, b in zip(bounds[:-1], bounds[1:])])
