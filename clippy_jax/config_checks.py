@@ -31,8 +31,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ValueError(f"config.train.batch_size={batch} is not divisible by the {process_count} processes.")
     if config.train.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; choose 'stop' or 'skip'.")
-    if config.data.image_size % config.model.image.patch_size:
+    patch, stride = config.model.image.patch_size, config.model.image.get("patch_stride") or 0
+    if config.data.patch_size != patch:
+        raise ValueError(f"config.data.patch_size={config.data.patch_size} differs from config.model.image.patch_size="
+                         f"{patch}; set both to the same value.")
+    if not 0 <= stride <= patch:
+        raise ValueError(f"config.model.image.patch_stride={stride} must be in [1, {patch}] (the patch size).")
+    if (config.data.image_size - patch) % (stride or patch):
         raise ValueError(
-            f"config.data.image_size={config.data.image_size} is not a multiple of "
-            f"config.model.image.patch_size={config.model.image.patch_size}."
+            f"config.data.image_size={config.data.image_size} is not covered by {patch}-pixel patches "
+            f"{stride or patch} pixels apart (config.model.image.patch_size / patch_stride); use an image size "
+            f"of {patch} + a multiple of {stride or patch}."
         )

@@ -1,6 +1,8 @@
 """The embedded demo: CLIPpy on synthetic captioned scenes, trained and evaluated on a laptop CPU.
 
 Config string arguments select variants: `configs/demo.py:pool=avg` (max | avg | cls),
+`configs/demo.py:stride=4` (overlapping 8x8 patches 4 pixels apart, a 15x15 grid, of which the 64
+tokens of the default 8x8 grid are sub-sampled per image during training: paper appendix E),
 `configs/demo.py:pool=max,size=tiny` (the tiny size is for tests).
 """
 
@@ -16,7 +18,7 @@ SIZES = {
 
 
 def _parse(arg: str) -> dict[str, str]:
-    options = dict(pool="max", size="demo")
+    options = dict(pool="max", size="demo", stride="8")
     for item in filter(None, arg.split(",")):
         key, _, value = item.partition("=")
         if key not in options:
@@ -24,6 +26,8 @@ def _parse(arg: str) -> dict[str, str]:
         options[key] = value
     if options["size"] not in SIZES:
         raise ValueError(f"Unknown size={options['size']!r}; choose from {sorted(SIZES)}.")
+    if not options["stride"].isdigit():
+        raise ValueError(f"stride={options['stride']!r} must be a positive integer (pixels between patches).")
     return options
 
 
@@ -31,6 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     options = _parse(arg)
     vit_width, vit_depth, vit_heads, vit_mlp, t5_width, t5_depth, t5_heads, t5_mlp, steps, batch, examples = SIZES[
         options["size"]]
+    patch, stride = 8, int(options["stride"])
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -46,9 +51,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         tfds_split="train",
         crop="random",  # random | center crop of the longer side
         image_size=64,
-        patch_size=8,
+        patch_size=patch,
         keep_ratio=1.0,  # the demo keeps every patch; the paper drops 80% at 2x resolution
-        keep_patches=0,
+        # stride < patch: keep the sequence length of the non-overlapping grid (paper appendix E)
+        keep_patches=0 if stride == patch else (64 // patch) ** 2,
         mean=(0.5, 0.5, 0.5),
         std=(0.25, 0.25, 0.25),
         max_text_length=24,
@@ -68,8 +74,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     config.model = dict(
         image=dict(
-            patch_size=8, width=vit_width, depth=vit_depth, num_heads=vit_heads, mlp_dim=vit_mlp,
-            posemb_grid=(8, 8), use_cls_token=True,
+            patch_size=patch, patch_stride=stride, width=vit_width, depth=vit_depth, num_heads=vit_heads,
+            mlp_dim=vit_mlp, posemb_grid=(8, 8), use_cls_token=True,
         ),
         text=dict(
             vocab_size=0,  # 0: the size of the tokenizer trained on the demo captions

@@ -7,6 +7,13 @@ The argument is a comma-separated list of task names (keys of `TASKS`) or groups
 and options: `res=N` (input side: resize mode input N x N, Cityscapes N x 2N; classification resize
 and crop; default 224), `window=N` and `stride=S` (sliding N x N windows at stride S, default 2N/3,
 over images resized to shorter side `res`, for the segmentation and unsupervised tasks).
+
+Protocol switches (clippy_jax/evaluate/README.md, "Protocol switches"; the defaults are the paper's):
+`background=prompt|labels` (VOC's background as one label averaging its prompts, or also the 39
+stuff labels of kahnchana/clippy mapped to background), `templates=none|photo|FILE` (segmentation
+prompt templates: none, "a photo of a/an {}", or a file's templates averaged), `miou=present|all`
+(mIoU over the classes present, or over all classes with absent ones at 0), `jaccard_background=in|out`
+and `groups=N` (bottom-up grouping). The task `voc_replication` is VOC under kahnchana/clippy's protocol.
 """
 
 import os
@@ -27,20 +34,37 @@ GROUPS = {
 GROUPS["paper"] = sum(GROUPS.values(), ())
 
 
-def tasks(res: int, window: int, stride: int) -> dict[str, dict]:
+# The options of the argument and their defaults (the paper's protocol).
+OPTIONS = dict(res=224, window=0, stride=0, background="prompt", templates="none", miou="present",
+               jaccard_background="in", groups=2)
+CHOICES = dict(background=("prompt", "labels"), miou=("present", "all"), jaccard_background=("in", "out"))
+# background=labels: the extra labels mapped to each dataset's background class.
+BACKGROUND_LABELS = {"voc2012_seg": "voc2012_stuff39.txt"}
+
+
+def tasks(res: int, window: int, stride: int, background: str, templates: str, miou: str, jaccard_background: str,
+          groups: int) -> dict[str, dict]:
     """Every task's settings; `kind` names the evaluator (clippy_jax/evaluate/runner.py)."""
     square = dict(input_size=(res, res))
-    dense = dict(input_size=(res, res), window=window, stride=stride, short_side=res)
+    protocol = dict(templates=templates, miou=miou)
+    dense = dict(input_size=(res, res), window=window, stride=stride, short_side=res, **protocol)
+    voc_labels = BACKGROUND_LABELS["voc2012_seg"] if background == "labels" else ""
     zero_shot = dict(classes="imagenet_classes.txt", templates="imagenet_templates.txt", resize=res, crop=res)
     cityscapes = dict(dense, input_size=(res, 2 * res))  # Cityscapes images are 1024 x 2048
     return dict(
         synthetic=dict(kind="synthetic_segmentation"),
-        voc=dict(kind="segmentation", dataset="voc2012_seg", **dense),
+        voc=dict(kind="segmentation", dataset="voc2012_seg", background_labels=voc_labels, **dense),
+        # kahnchana/clippy's VOC protocol (src/evaluation/): its class names, its 39 stuff labels as
+        # background, "a photo of a/an {}", mIoU over all 21 classes (absent ones at 0), 224 x 224 input.
+        voc_replication=dict(kind="segmentation", dataset="voc2012_seg", prompts="voc2012_seg_replication.txt",
+                             background_labels=BACKGROUND_LABELS["voc2012_seg"], templates="photo", miou="all",
+                             input_size=(224, 224)),
         coco_object=dict(kind="segmentation", dataset="coco_object", **dense),
         coco133=dict(kind="segmentation", dataset="coco_panoptic133", **dense),
         ade20k=dict(kind="segmentation", dataset="ade20k_150", **dense),
         cityscapes27=dict(kind="segmentation", dataset="cityscapes27", **cityscapes),
-        voc_grouping=dict(kind="grouping", dataset="voc2012_seg", num_groups=2, exclude_classes=(), **square),
+        voc_grouping=dict(kind="grouping", dataset="voc2012_seg", num_groups=groups,
+                          exclude_classes=("background",) if jaccard_background == "out" else (), **square),
         cityscapes27_unsupervised=dict(
             kind="unsupervised_segmentation", dataset="cityscapes27", method="kmeans", samples_per_window=64,
             kmeans_iterations=30, seed=0, **cityscapes,
@@ -51,14 +75,18 @@ def tasks(res: int, window: int, stride: int) -> dict[str, dict]:
     )
 
 
-def _parse(arg: str) -> tuple[list[str], dict[str, int]]:
-    names, options = [], dict(res=224, window=0, stride=0)
+def _parse(arg: str) -> tuple[list[str], dict[str, int | str]]:
+    names, options = [], dict(OPTIONS)
     for item in filter(None, arg.split(",")):
         key, sep, value = item.partition("=")
         if sep:
             if key not in options:
                 raise ValueError(f"Unknown eval config option {key!r}; known: {sorted(options)}.")
-            options[key] = int(value)
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ValueError(f"Eval config option {key}={value!r}; choose one of {CHOICES[key]}.")
+            if isinstance(OPTIONS[key], int) and not value.isdigit():
+                raise ValueError(f"Eval config option {key}={value!r} must be a non-negative integer.")
+            options[key] = int(value) if isinstance(OPTIONS[key], int) else value
         else:
             names.extend(GROUPS.get(key, (key,)))
     options["stride"] = options["stride"] or options["window"] * 2 // 3

@@ -41,7 +41,10 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         prefetch=4,
     )
     config.model = dict(
-        image=dict(**VIT_B16, posemb_grid=(14, 14), use_cls_token=True, remat="none"),
+        # patch_stride < 16: overlapping patches (appendix E, "Patch Sub-Sampling"; the stride is not
+        # stated), e.g. --config.model.image.patch_stride=8 --config.data.keep_patches=196 keeps the
+        # sequence length of the 224 grid.
+        image=dict(**VIT_B16, patch_stride=16, posemb_grid=(14, 14), use_cls_token=True, remat="none"),
         text=dict(**T5_BASE, remat="none"),
         image_pool="max",  # CLIPpy's spatial max (Sec. 3)
         text_pool="mean",  # average pooling of tokens (appendix Tab. 8)

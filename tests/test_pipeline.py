@@ -171,9 +171,12 @@ def _reference_image(index: int) -> np.ndarray:
     return preprocess.crop_to_square(decoded, SIZE, None).numpy()
 
 
-@pytest.mark.parametrize("keep_patches", [0, 7])
-def test_center_crop_normalisation_and_kept_patches(shards, tokenizer, keep_patches):
-    config = data_config(**{**shards.to_dict(), "crop": "center", "keep_patches": keep_patches})
+@pytest.mark.parametrize("keep_patches, stride", [(0, PATCH), (7, PATCH), (20, PATCH // 2)])
+def test_center_crop_normalisation_and_kept_patches(shards, tokenizer, keep_patches, stride):
+    """Kept patches are the windows of the normalised crop at their grid positions, `stride` pixels
+    apart (the model's patch_stride, which `demo_data.prepare_data` copies into the data config)."""
+    config = data_config(**{**shards.to_dict(), "crop": "center", "keep_patches": keep_patches,
+                            "patch_stride": stride})
     batch = next(pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 8, seed=0)))
     indices = [int(c.split()[-1]) for c in decode_captions(tokenizer, batch["tokens"])]
     assert batch["tokens"].shape == (8, 16) and batch["tokens"].dtype == np.int32
@@ -185,11 +188,12 @@ def test_center_crop_normalisation_and_kept_patches(shards, tokenizer, keep_patc
             continue
         patch_indices = batch["patch_indices"][row]
         assert batch["patches"].shape == (8, keep_patches, PATCH * PATCH * 3)
+        grid = (SIZE - PATCH) // stride + 1
         assert len(set(patch_indices)) == keep_patches and 0 <= patch_indices.min()
-        assert patch_indices.max() < (SIZE // PATCH) ** 2
-        grid = expected.reshape(SIZE // PATCH, PATCH, SIZE // PATCH, PATCH, 3).transpose(0, 2, 1, 3, 4)
-        np.testing.assert_allclose(batch["patches"][row], grid.reshape(-1, PATCH * PATCH * 3)[patch_indices],
-                                   atol=1e-5)
+        assert patch_indices.max() < grid**2
+        for index, patch in zip(patch_indices, batch["patches"][row]):
+            top, left = stride * (index // grid), stride * (index % grid)
+            np.testing.assert_allclose(patch, expected[top:top + PATCH, left:left + PATCH].reshape(-1), atol=1e-5)
 
 
 def test_random_crops_vary_and_the_stream_is_a_function_of_the_seed(shards, tokenizer):

@@ -72,21 +72,24 @@ def test_normalize_matches_numpy_for_pixels_and_patches():
                                preprocess.patchify(tf.constant(expected, tf.float32), 4).numpy(), atol=1e-6)
 
 
-def test_drop_patches_keeps_unique_grid_cells_with_their_pixels():
+@pytest.mark.parametrize("stride", [4, 2, 3])
+def test_drop_patches_keeps_unique_grid_cells_with_their_pixels(stride):
+    """Kept patches are the p x p windows of the image at their grid positions, `stride` pixels apart
+    (overlapping when stride < p; with stride 3 the last 28 - 27 = 1 pixel row and column are dropped)."""
     size, patch, keep = 32, 4, 13
-    grid = size // patch
+    grid = (size - patch) // stride + 1
     image = np.random.default_rng(4).uniform(0, 255, (size, size, 3)).astype(np.float32)
     subsets = set()
     for seed in range(20):
-        out = preprocess.drop_patches(tf.constant(image), patch, keep, tf.constant([seed, 0], tf.int64))
+        out = preprocess.drop_patches(tf.constant(image), patch, keep, tf.constant([seed, 0], tf.int64), stride)
         indices, patches = out["patch_indices"].numpy(), out["patches"].numpy()
         assert indices.dtype == np.int32 and patches.shape == (keep, patch * patch * 3)
         assert len(set(indices)) == keep and np.all(np.diff(indices) > 0)
         assert indices.min() >= 0 and indices.max() < grid * grid
         for index, values in zip(indices, patches):
             row, col = divmod(int(index), grid)
-            np.testing.assert_array_equal(
-                values, image[row * patch : (row + 1) * patch, col * patch : (col + 1) * patch].reshape(-1))
+            top, left = row * stride, col * stride
+            np.testing.assert_array_equal(values, image[top : top + patch, left : left + patch].reshape(-1))
         subsets.add(tuple(indices))
     assert len(subsets) == 20
 
@@ -95,5 +98,9 @@ def test_kept_patch_count():
     assert preprocess.kept_patch_count(448, 16, 0.2, 0) == 157  # the paper: drop 80% at 2x resolution
     assert preprocess.kept_patch_count(448, 16, 1.0, 196) == 196  # the 224 sequence length
     assert preprocess.kept_patch_count(224, 16, 1.0, 0) is None
+    assert preprocess.kept_patch_count(224, 16, 1.0, 196, stride=8) == 196  # of the 27 x 27 overlapping grid
+    assert preprocess.kept_patch_count(224, 16, 0.5, 0, stride=8) == 364  # round(729 / 2)
+    with pytest.raises(ValueError, match="keep_patches=730"):
+        preprocess.kept_patch_count(224, 16, 1.0, 730, stride=8)
     with pytest.raises(ValueError, match="keep_patches=900"):
         preprocess.kept_patch_count(448, 16, 1.0, 900)

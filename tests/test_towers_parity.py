@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import timm
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from clippy_jax.convert.clippy import import_open_clip_clippy
 from clippy_jax.convert.common import unflatten
 from clippy_jax.convert.t5 import convert_hf_t5, kwargs_from_hf_config
 from clippy_jax.convert.vit import convert_dino, convert_vit
+from clippy_jax.data import preprocess
 from clippy_jax.models import build_model
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS
 from clippy_jax.models.resample import resample_grid
@@ -133,6 +135,36 @@ def test_vit_s16_other_sizes_and_norm_placements_match_timm(size, global_pool):
         _close(f"{name}/tokens", tokens, features[:, 1:])
         _close(f"{name}/cls", cls, features[:, 0])
         _close(f"{name}/pooled", pooled[pool], model.forward_head(features, pre_logits=True))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (224, 320)])
+def test_overlapping_patches_match_timm_with_a_strided_patch_embedding(size):
+    """patch_stride=8 on a ViT-S/16 equals timm's PatchEmbed with its conv stride set to 8 (appendix E's
+    overlapping patches): a 27 x 27 grid at 224, 27 x 39 at 224 x 320, position embeddings resampled to it."""
+    model = _perturbed(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
+                                         global_pool="max", dynamic_img_size=True), seed=6)
+    model.patch_embed.proj.stride = (8, 8)
+    converted = convert_vit(_numpy_state(model))
+    kwargs = dict(converted.model_config["image"], patch_stride=8)
+    images = _images(2, *size, seed=7)
+    tokens, cls, pooled = _encode(kwargs, unflatten(converted.params)["image_tower"], images, pools=("max",))
+    assert tokens.shape == (2, 27 * ((size[1] - 16) // 8 + 1), 384)
+    with torch.no_grad():
+        features = model.forward_features(_torch_images(images))
+        name = f"vit_s16_stride8_{size[0]}x{size[1]}"
+        assert features.shape[1] == 1 + tokens.shape[1]
+        _close(f"{name}/tokens", tokens, features[:, 1:])
+        _close(f"{name}/cls", cls, features[:, 0])
+        _close(f"{name}/pooled", pooled["max"], model.forward_head(features, pre_logits=True))
+    # 196 of the overlapping patches as the input pipeline extracts them give the same tokens as
+    # dropping the others after the position embeddings of the full image.
+    grid = ((size[0] - 16) // 8 + 1, (size[1] - 16) // 8 + 1)
+    keep = np.sort(np.random.default_rng(8).permutation(grid[0] * grid[1])[:196])[None].astype(np.int32)
+    kept = preprocess.patchify(tf.constant(images[0]), 16, 8).numpy()[keep]  # [1, 196, 16 * 16 * 3]
+    module, params = VisionTransformer(**kwargs), {"params": unflatten(converted.params)["image_tower"]}
+    from_patches, _ = module.apply(params, patches=kept, patch_indices=keep, grid_shape=grid)
+    dropped, _ = module.apply(params, images[:1], patch_indices=keep)
+    np.testing.assert_allclose(from_patches, dropped, atol=1e-5)
 
 
 def test_patch_dropping_gathers_after_position_embeddings():

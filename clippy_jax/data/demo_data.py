@@ -108,8 +108,10 @@ def load_eval_split(pattern: str) -> dict[str, np.ndarray]:
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """The `data` section with concrete paths; generates the synthetic demo data on first use."""
+    """The `data` section with concrete paths and the model's patch stride (`patch_stride`, for the
+    pipeline's patch sub-sampling); generates the synthetic demo data on first use."""
     data = ml_collections.ConfigDict(config.data.to_dict())
+    data.patch_stride = config.model.image.get("patch_stride") or 0
     if data.source == "synthetic":
         directory = ensure_demo_data(data.synthetic, data.synthetic.directory or os.path.join(workdir, "data"))
         data.train_pattern = os.path.join(directory, "train-*.tfrecord")

@@ -52,7 +52,7 @@ DECODE_WINDOW = 8
 # train_dataset's result -> the same batches with their skip counters (read by InputIterator).
 _WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, tf.data.Dataset]" = weakref.WeakKeyDictionary()
 # Data keys that configs written before them may lack.
-DEFAULTS = dict(crop="random", tfds_name="", tfds_data_dir="", tfds_split="train")
+DEFAULTS = dict(crop="random", tfds_name="", tfds_data_dir="", tfds_split="train", patch_stride=0)
 
 
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -100,7 +100,9 @@ def train_dataset(
     config = with_defaults(config)
     if config.crop not in CROPS:
         raise ValueError(f"config.data.crop={config.crop!r} must be one of {CROPS}.")
-    keep = preprocess.kept_patch_count(config.image_size, config.patch_size, config.keep_ratio, config.keep_patches)
+    stride = config.patch_stride or config.patch_size  # `demo_data.prepare_data` copies model.image.patch_stride
+    keep = preprocess.kept_patch_count(config.image_size, config.patch_size, config.keep_ratio, config.keep_patches,
+                                       stride)
     base_seed = tf.constant([seed, process_index], tf.int64)
 
     def prepare(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -114,7 +116,7 @@ def train_dataset(
         if keep is None:
             out["image"] = preprocess.normalize(image, config.mean, config.std)
         else:  # normalise only the kept patches
-            out.update(preprocess.drop_patches(image, config.patch_size, keep, drop_seed))
+            out.update(preprocess.drop_patches(image, config.patch_size, keep, drop_seed, stride))
             out["patches"] = preprocess.normalize(out["patches"], config.mean, config.std)
         return out
 

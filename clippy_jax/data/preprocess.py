@@ -46,33 +46,38 @@ def normalize(pixels: tf.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (tf.cast(pixels, tf.float32) / 255.0 - mean) / std
 
 
-def patchify(image: tf.Tensor, patch_size: int) -> tf.Tensor:
-    """[H, W, C] -> [(H/p) * (W/p), p * p * C], row-major over the grid (as `models.vit.patchify`)."""
-    height, width, channels = image.shape
-    grid_h, grid_w = height // patch_size, width // patch_size
-    patches = tf.reshape(image, [grid_h, patch_size, grid_w, patch_size, channels])
-    patches = tf.transpose(patches, [0, 2, 1, 3, 4])
-    return tf.reshape(patches, [grid_h * grid_w, patch_size * patch_size * channels])
+def patchify(image: tf.Tensor, patch_size: int, stride: int | None = None) -> tf.Tensor:
+    """[H, W, C] -> [gh * gw, p * p * C], the p x p windows `stride` pixels apart (default: p; overlapping
+    when smaller), row-major over the grid and flattened (p1 p2 c), as `models.vit.patchify`."""
+    stride = stride or patch_size
+    windows = tf.image.extract_patches(image[None], sizes=[1, patch_size, patch_size, 1],
+                                       strides=[1, stride, stride, 1], rates=[1, 1, 1, 1], padding="VALID")
+    return tf.reshape(windows, [-1, patch_size * patch_size * image.shape[-1]])  # [gh * gw, p * p * C]
 
 
-def drop_patches(image: tf.Tensor, patch_size: int, keep: int, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-    """Keeps a uniformly random subset of `keep` patches (paper appendix D.4, E).
+def drop_patches(image: tf.Tensor, patch_size: int, keep: int, seed: tf.Tensor,
+                 stride: int | None = None) -> dict[str, tf.Tensor]:
+    """Keeps a uniformly random subset of `keep` patches (paper appendix D.4, E) of the grid at
+    `stride` (default: the patch size; smaller: overlapping patches, appendix E).
 
     Returns `patches` [keep, p * p * C] and their sorted grid `patch_indices` [keep] int32, so that
     only the kept pixels travel to the device.
     """
-    patches = patchify(image, patch_size)
+    patches = patchify(image, patch_size, stride)
     scores = tf.random.stateless_uniform([patches.shape[0]], seed)
     indices = tf.sort(tf.argsort(scores)[:keep])
     return dict(patches=tf.gather(patches, indices), patch_indices=tf.cast(indices, tf.int32))
 
 
-def kept_patch_count(image_size: int, patch_size: int, keep_ratio: float | None, keep_count: int | None) -> int | None:
-    """Number of patches kept per image from the config (None: no dropping)."""
-    total = (image_size // patch_size) ** 2
+def kept_patch_count(image_size: int, patch_size: int, keep_ratio: float | None, keep_count: int | None,
+                     stride: int | None = None) -> int | None:
+    """Number of patches kept per image from the config (None: no dropping); the grid has
+    (image_size - p) // stride + 1 patches per side."""
+    total = ((image_size - patch_size) // (stride or patch_size) + 1) ** 2
     if keep_count:
         if not 0 < keep_count <= total:
-            raise ValueError(f"data.keep_patches={keep_count} must be in (0, {total}] for this image and patch size.")
+            raise ValueError(f"data.keep_patches={keep_count} must be in (0, {total}] for this image size, patch "
+                             f"size and stride.")
         return keep_count
     if keep_ratio is None or keep_ratio >= 1.0:
         return None

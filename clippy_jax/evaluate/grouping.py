@@ -217,7 +217,8 @@ def unsupervised_segmentation(ctx: engine.EvalContext, task: ml_collections.Conf
     overlays = [segmentation_overlay(image, label, class_of_cluster[clusters], class_names)
                 for image, label, clusters in kept]
     result = iou_result(
-        ConfusionMatrix(matrix=matrix[:, cluster_of_class]), class_names, overlays, method=method,
+        ConfusionMatrix(matrix=matrix[:, cluster_of_class]), class_names, overlays, task.get("miou") or "present",
+        method=method,
         num_samples=len(samples), cluster_of_class=cluster_of_class.tolist(),
         num_images=examples.num_global,
     )

@@ -48,14 +48,23 @@ class ConfusionMatrix(metrics.Metric):
         return np.asarray(self.matrix)
 
 
-def iou_from_confusion(matrix: np.ndarray) -> tuple[float, np.ndarray]:
-    """(mIoU, per-class IoU [C]) from a square confusion matrix: IoU_c = TP / (TP + FP + FN). Classes
-    absent from both the ground truth and the predictions have IoU NaN and are left out of the mean."""
+MIOU_OVER = ("present", "all")
+
+
+def iou_from_confusion(matrix: np.ndarray, over: str = "present") -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU [C]) from a square confusion matrix: IoU_c = TP / (TP + FP + FN).
+
+    Classes absent from both the ground truth and the predictions have IoU NaN and are left out of
+    the mean with `over="present"` (the paper's protocol, mmsegmentation's); with `over="all"` their
+    IoU is 0 and the mean runs over all C classes (kahnchana/clippy's `PascalMIoU`: TP / (union + eps),
+    then `nanmean`). Both agree when every class occurs, e.g. on the full VOC val set."""
+    if over not in MIOU_OVER:
+        raise ValueError(f"miou={over!r}; choose one of {MIOU_OVER}.")
     matrix = np.asarray(matrix, np.float64)
     intersection = np.diag(matrix)
     union = matrix.sum(axis=0) + matrix.sum(axis=1) - intersection
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, intersection / union, np.nan)
+        iou = np.where(union > 0, intersection / union, np.nan if over == "present" else 0.0)
     return float(np.nanmean(iou)) if np.any(union > 0) else float("nan"), iou
 
 

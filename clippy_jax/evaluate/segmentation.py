@@ -24,10 +24,11 @@ from clippy_jax.evaluate.render import segmentation_overlay
 
 
 def iou_result(confusion: ConfusionMatrix, class_names: Sequence[str], overlays: list[np.ndarray],
-               **summary) -> engine.EvalResult:
-    """mIoU, pixel accuracy and the per-class IoU table of a square confusion matrix."""
+               miou_over: str = "present", **summary) -> engine.EvalResult:
+    """mIoU (over present or all classes, `metrics.iou_from_confusion`), pixel accuracy and the
+    per-class IoU table of a square confusion matrix."""
     matrix = confusion.compute()
-    miou, iou = iou_from_confusion(matrix)
+    miou, iou = iou_from_confusion(matrix, miou_over)
     per_class = {name: float(v) for name, v in zip(class_names, iou)}
     accuracy = pixel_accuracy(matrix)
     scalars = {"miou": miou, "pixel_accuracy": accuracy}
@@ -50,20 +51,26 @@ def predict(model: nn.Module, params, images: jax.Array, label_emb: jax.Array) -
 def top_down(
     ctx: engine.EvalContext, examples: engine.Examples, class_names: Sequence[str],
     prompts: Sequence[Sequence[str]], geometry: Geometry, num_overlays: int, desc: str,
+    templates: Sequence[str] = ("{}",), label_classes: Sequence[int] | None = None,
 ) -> tuple[ConfusionMatrix, Accuracy, list[np.ndarray]]:
     """Zero-shot segmentation of `examples` ({"image", "label"} and, for image-level accuracy,
     "image_label": the index of the image's class among classes 1..C-1).
 
-    Returns the confusion matrix and image-level accuracy merged over hosts, and this host's overlays.
+    `prompts` [L] lists each label's prompts (filled into each of `templates`); `label_classes` [L]
+    maps the argmax label to its class (default: label l is class l, L = C), e.g. extra background
+    labels to the background class. Returns the confusion matrix and image-level accuracy merged
+    over hosts, and this host's overlays.
     """
     num_classes = len(class_names)
-    label_emb = ctx.label_embeddings(prompts)  # [C, E]
+    label_emb = ctx.label_embeddings(prompts, templates)  # [L, E]
+    label_classes = np.arange(len(prompts)) if label_classes is None else np.asarray(label_classes)
 
     confusion = ConfusionMatrix(matrix=np.zeros((num_classes, num_classes), np.int64))
     accuracy = Accuracy(correct=np.int64(0), total=np.int64(0))
     overlays = []
     predictions = engine.dense_predictions(ctx, examples, geometry, ctx.runner(predict), label_emb, desc=desc)
     for example, prediction, outputs in predictions:
+        prediction = label_classes[prediction]
         confusion = confusion.merge(
             ConfusionMatrix.from_model_output(predictions=prediction, labels=example["label"], num_classes=num_classes)
         )
@@ -95,13 +102,31 @@ def synthetic_segmentation(ctx: engine.EvalContext, task: ml_collections.ConfigD
     return result
 
 
+def background_labels(class_names: Sequence[str], filename: str) -> tuple[list[list[str]], list[int]]:
+    """(prompts, class index) of the extra labels of `filename` (one name per line, its own prompt),
+    each mapped to the dataset's background class (kahnchana/clippy's 39 VOC stuff labels)."""
+    if "background" not in class_names:
+        raise ValueError(f"background_labels={filename!r} needs a 'background' class; the dataset has none.")
+    names = zero_shot.read_lines(filename)
+    return [[name] for name in names], [list(class_names).index("background")] * len(names)
+
+
 def segmentation(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engine.EvalResult:
     """Top-down zero-shot segmentation of a segmentation dataset (`task.dataset`) with the prompts
-    of `task.prompts` (default `prompts/<dataset>.txt`)."""
+    of `task.prompts` (default `prompts/<dataset>.txt`) in the templates `task.templates` (default
+    none), the extra labels of `task.background_labels` mapped to background, and mIoU over
+    `task.miou` classes (present | all); see README.md, "Protocol switches"."""
     examples = engine.dataset_examples(ctx, task)
     class_names = examples.info.metadata["class_names"]
     prompts = zero_shot.read_label_prompts(task.get("prompts") or f"{task.dataset}.txt", class_names)
+    label_classes = list(range(len(class_names)))
+    if task.get("background_labels"):
+        extra_prompts, extra_classes = background_labels(class_names, task.background_labels)
+        prompts, label_classes = prompts + extra_prompts, label_classes + extra_classes
+    templates = zero_shot.read_templates(task.get("templates") or "none")
     geometry = Geometry.from_config(task)
     num_overlays = task.get("num_overlays", ctx.config.eval.num_overlays)
-    confusion, _, overlays = top_down(ctx, examples, class_names, prompts, geometry, num_overlays, task.dataset)
-    return iou_result(confusion, class_names, overlays, num_images=examples.num_global, geometry=str(geometry))
+    confusion, _, overlays = top_down(ctx, examples, class_names, prompts, geometry, num_overlays, task.dataset,
+                                      templates, label_classes)
+    return iou_result(confusion, class_names, overlays, task.get("miou") or "present", num_images=examples.num_global,
+                      geometry=str(geometry), num_labels=len(prompts), templates=list(templates))

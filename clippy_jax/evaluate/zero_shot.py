@@ -10,12 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from clippy_jax.data.tokenizer import Tokenizer
+from clippy_jax.models import vit
 from clippy_jax.models.pooling import IMAGE_POOLS
 from clippy_jax.models.two_tower import l2_normalize, pair_similarity
 from clippy_jax.models.vit import VisionTransformer
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TEXT_BATCH_SIZE = 2048
+# Named prompt templates (`fill_template`): the bare prompt (the paper's segmentation prompts), and
+# kahnchana/clippy's VOC template "a photo of a/an {}".
+TEMPLATES = {"none": ("{}",), "photo": ("a photo of {a} {}",)}
 
 
 def read_lines(filename: str) -> list[str]:
@@ -42,8 +46,18 @@ def read_label_prompts(filename: str, class_names: Sequence[str]) -> list[list[s
     return [table[c] for c in class_names]
 
 
+def read_templates(name: str) -> tuple[str, ...]:
+    """Prompt templates by name (`TEMPLATES`) or from a file of one template per line (`prompts/` or a path)."""
+    return TEMPLATES[name] if name in TEMPLATES else tuple(read_lines(name))
+
+
 def patch_size(model: nn.Module) -> int:
     return int(model.image.get("patch_size", VisionTransformer.patch_size))
+
+
+def patch_grid(model: nn.Module, image_shape: Sequence[int]) -> tuple[int, int]:
+    """(gh, gw) of the model's patch grid (its patch size and stride) on an (H, W) image."""
+    return vit.patch_grid(image_shape, patch_size(model), model.image.get("patch_stride"))
 
 
 def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence[str],
@@ -60,13 +74,19 @@ def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence
     return jnp.concatenate(chunks)
 
 
+def fill_template(template: str, prompt: str) -> str:
+    """`template` with `{}` replaced by the prompt and `{a}` by its indefinite article ('an' before a
+    vowel letter, else 'a', as kahnchana/clippy's "a photo of a/an {}")."""
+    return template.format(prompt, a="an" if prompt[:1].lower() in "aeiou" else "a")
+
+
 def label_embeddings(
     model: nn.Module, params, tokenizer: Tokenizer, prompts: Sequence[Sequence[str]], templates: Sequence[str] = ("{}",)
 ) -> jax.Array:
     """[C, E]: each label is the normalised mean of the embeddings of its prompts x templates
     (appendix I: "the average embedding across all prompts ... is associated with each label";
-    CLIP's prompt ensembling for ImageNet)."""
-    texts = [[t.format(p) for p in label_prompts for t in templates] for label_prompts in prompts]
+    CLIP's prompt ensembling for ImageNet); templates as in `fill_template`."""
+    texts = [[fill_template(t, p) for p in label_prompts for t in templates] for label_prompts in prompts]
     emb = encode_texts(model, params, tokenizer, [text for group in texts for text in group])  # [T, E]
     bounds = np.cumsum([0] + [len(g) for g in texts])
     return jnp.stack([l2_normalize(emb[a:b].mean(axis=0)) for a, b in zip(bounds[:-1], bounds[1:])])
@@ -76,16 +96,15 @@ def encode_image(
     model: nn.Module, params, images: jax.Array, label_emb: jax.Array | None = None
 ) -> tuple[jax.Array | None, jax.Array]:
     """(image-level logits [B, C] against unit label embeddings [C, E], or None without them; unit
-    per-location embeddings [B, H/p, W/p, E]) of normalised images [B, H, W, 3]. Text-conditioned
-    heads pool once per label (per-location embeddings do not depend on the labels)."""
+    per-location embeddings [B, gh, gw, E] on the model's patch grid) of normalised images [B, H, W, 3].
+    Text-conditioned heads pool once per label (per-location embeddings do not depend on the labels)."""
     conditioning = None
     if IMAGE_POOLS[model.image_pool].text_conditioned:
         conditioning = jnp.zeros((1, model.embed_dim), jnp.float32) if label_emb is None else label_emb
     pooled, dense = model.apply(
         {"params": params}, images, dense=True, text_emb=conditioning, method=model.encode_image
     )
-    p = patch_size(model)
-    dense = dense.reshape(dense.shape[0], images.shape[1] // p, images.shape[2] // p, dense.shape[-1])
+    dense = dense.reshape(dense.shape[0], *patch_grid(model, images.shape[1:3]), dense.shape[-1])
     return (None if label_emb is None else pair_similarity(pooled, label_emb)), dense
 
 

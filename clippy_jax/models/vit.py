@@ -1,7 +1,9 @@
 """The ViT image tower (Dosovitskiy et al.), laid out so that timm and DINO checkpoints map onto it.
 
 Patches are embedded by one dense layer over flattened `(p1 p2 c)` pixels, which equals timm's
-strided convolution and also accepts pre-patchified inputs from the pipeline's patch dropping.
+strided convolution and also accepts pre-patchified inputs from the pipeline's patch dropping. With
+`patch_stride` < `patch_size` the patches overlap (paper appendix E, "overlapping patch generation"):
+the grid has (H - p) // s + 1 rows, as timm's convolution with that stride (224 at p=16, s=8: 27x27).
 Learned position embeddings are stored at `posemb_grid` and resampled to any input grid with
 timm's interpolation, so a 224-trained model runs at 448 (784 tokens) or at non-square sizes.
 
@@ -16,6 +18,7 @@ import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clippy_jax.models.layers import Dtype, dense_init, layer_norm, transformer_block
 from clippy_jax.models.resample import resample_grid
@@ -32,15 +35,35 @@ VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
 NORM_PLACEMENTS = ("pre_pool", "post_pool")
 
 
-def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-    """[B, H, W, C] -> [B, (H/p) * (W/p), p * p * C], row-major over the patch grid."""
-    return einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+def grid_size(length: int, patch_size: int, stride: int) -> int:
+    """Patches along a side of `length` pixels (a VALID convolution: the remainder is dropped)."""
+    if length < patch_size:
+        raise ValueError(f"An image side of {length} pixels is shorter than the patch size {patch_size}.")
+    return (length - patch_size) // stride + 1
+
+
+def patch_grid(image_shape: Sequence[int], patch_size: int, stride: int | None = None) -> tuple[int, int]:
+    """(gh, gw) of the patch grid of an (H, W) image; `stride` None: `patch_size`."""
+    return tuple(grid_size(n, patch_size, stride or patch_size) for n in image_shape[:2])
+
+
+def patchify(images: jax.Array, patch_size: int, stride: int | None = None) -> jax.Array:
+    """[B, H, W, C] -> [B, gh * gw, p * p * C], row-major over the patch grid, the patches `stride`
+    pixels apart (default: `patch_size`, no overlap); gh = `grid_size(H, p, stride)`."""
+    stride = stride or patch_size
+    if stride == patch_size and images.shape[1] % patch_size == 0 and images.shape[2] % patch_size == 0:
+        return einops.rearrange(images, "b (h p1) (w p2) c -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+    rows, cols = (stride * np.arange(grid_size(n, patch_size, stride))[:, None] + np.arange(patch_size)
+                  for n in images.shape[1:3])  # [gh, p], [gw, p] pixel indices
+    windows = images[:, rows[:, :, None, None], cols[None, None, :, :]]  # [B, gh, p, gw, p, C]
+    return einops.rearrange(windows, "b h p1 w p2 c -> b (h w) (p1 p2 c)")
 
 
 class VisionTransformer(nn.Module):
     """ViT encoder returning per-token features.
 
     Attributes:
+      patch_stride: pixels between neighbouring patches; None: `patch_size` (no overlap).
       posemb_grid: the grid the learned position embeddings are stored at; other grids are
         resampled on the fly (timm's antialiased bicubic resampling).
       use_cls_token: prepend a learned CLS token (timm's cls position embedding is folded into it).
@@ -53,6 +76,7 @@ class VisionTransformer(nn.Module):
     """
 
     patch_size: int = 16
+    patch_stride: int | None = None
     width: int = 768
     depth: int = 12
     mlp_dim: int = 3072
@@ -115,7 +139,7 @@ class VisionTransformer(nn.Module):
         """Encodes images or pre-patchified kept patches.
 
         Args:
-          images: [B, H, W, 3]; H and W multiples of the patch size.
+          images: [B, H, W, 3], at least one patch in each direction.
           patches: [B, K, p * p * 3] flattened patches (instead of `images`).
           patch_indices: [B, K] int row-major grid indices of the tokens to keep. With `images`,
             tokens are gathered after position embeddings are added; with `patches`, they name the
@@ -126,8 +150,8 @@ class VisionTransformer(nn.Module):
           (tokens [B, K or gh*gw, D] patch features, cls [B, D] or None).
         """
         if images is not None:
-            grid_shape = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
-            patches = patchify(images, self.patch_size)
+            grid_shape = patch_grid(images.shape[1:3], self.patch_size, self.patch_stride)
+            patches = patchify(images, self.patch_size, self.patch_stride)
         elif patches is None or grid_shape is None or patch_indices is None:
             raise ValueError("Pass `images`, or `patches` together with `patch_indices` and `grid_shape`.")
         x = self.embedding(patches.astype(self.dtype))  # [B, N, D]

@@ -17,6 +17,7 @@ from clippy_jax.data import demo_data, pipeline
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import runner
 from clippy_jax.models import build_model
+from clippy_jax.models.vit import patch_grid
 from clippy_jax.train import perf, sharding
 from clippy_jax.train.checkpoint import Checkpointer
 from clippy_jax.train.optimizer import make_optimizer
@@ -69,8 +70,8 @@ def initialize_from_pretrained(params: dict, init: ml_collections.ConfigDict) ->
 
 
 def _grid_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    side = config.data.image_size // config.model.image.patch_size
-    return side, side
+    image = config.model.image
+    return patch_grid((config.data.image_size,) * 2, image.patch_size, image.get("patch_stride"))
 
 
 def _check_finite(fetched: list[dict], first_step: int) -> None:
