@@ -158,6 +158,7 @@ def run_jax(preset: Preset, batch_size: int, steps: int, warmup: int, remat: str
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
         flops = perf.compiled_flops(compiled)
+        rss_after_compile = _peak_rss_bytes()
         carry = [state, None]
 
         def train_step():
@@ -168,7 +169,7 @@ def run_jax(preset: Preset, batch_size: int, steps: int, warmup: int, remat: str
     stats = device.memory_stats() or {}
     return dict(step_times=times, cpu_times=cpu_times, flops=flops, compile_s=compile_s,
                 peak_memory_bytes=stats.get("peak_bytes_in_use") or _peak_rss_bytes(),
-                memory_source="peak_bytes_in_use" if stats else "peak RSS",
+                memory_source="peak_bytes_in_use" if stats else "peak RSS", peak_rss_after_compile=rss_after_compile,
                 loss=float(carry[1]["loss"]), device=device.device_kind, platform=device.platform)
 
 
@@ -398,7 +399,7 @@ def main(argv=None) -> None:
           f"{args.attention}, {args.rounds} x ({args.warmup} warm-up + {args.steps} timed steps), median step")
     print(format_table(rows), flush=True)
     for row in rows:
-        extra = {k: row[k] for k in ("platform", "attention", "torch", "loss") if k in row}
+        extra = {k: row[k] for k in ("platform", "attention", "torch", "loss", "peak_rss_after_compile") if k in row}
         times = ", ".join(f"{t * 1e3:.1f}" for t in row["step_times"])
         print(f"{row['framework']}: step ms [{times}] (best {min(row['step_times']) * 1e3:.1f}), {extra}")
     if args.json:
