@@ -34,7 +34,7 @@ def tasks(res: int, window: int, stride: int) -> dict[str, dict]:
     zero_shot = dict(classes="imagenet_classes.txt", templates="imagenet_templates.txt", resize=res, crop=res)
     cityscapes = dict(dense, input_size=(res, 2 * res))  # Cityscapes images are 1024 x 2048
     return dict(
-        synthetic=dict(kind="synthetic_segmentation"),
+        synthetic_segmentation=dict(kind="synthetic_segmentation"),
         voc=dict(kind="segmentation", dataset="voc2012_seg", **dense),
         coco_object=dict(kind="segmentation", dataset="coco_object", **dense),
         coco133=dict(kind="segmentation", dataset="coco_panoptic133", **dense),
