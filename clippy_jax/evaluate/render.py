@@ -38,15 +38,18 @@ def segmentation_overlay(
     image: np.ndarray, truth: np.ndarray | None, prediction: np.ndarray, class_names: Sequence[str],
     alpha: float = 0.55,
 ) -> np.ndarray:
-    """uint8 RGB [h, w, 3] figure: image | ground truth | prediction blended over the image, with a
-    legend of the classes that appear in either map."""
+    """uint8 RGB figure: image | ground truth | prediction blended over the image, each panel at the
+    image's height (clipped to [160, 480] pixels), with a legend of the classes that appear in either map."""
     colors = palette(len(class_names))
     base = image.astype(np.float32) / 255.0
     panels = [("image", base)]
     if truth is not None:
         panels.append(("ground truth", (1 - alpha) * base + alpha * colorize(truth, colors)))
     panels.append(("prediction", (1 - alpha) * base + alpha * colorize(prediction, colors)))
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) + 1.6, 2.4), dpi=80)
+    dpi, height = 80, float(np.clip(image.shape[0], 160, 480))  # panels at the image's height, within limits
+    width = height * image.shape[1] / image.shape[0]
+    fig, axes = plt.subplots(1, len(panels), figsize=((width * len(panels) + 130) / dpi, (height + 30) / dpi),
+                             dpi=dpi)
     for ax, (title, panel) in zip(np.atleast_1d(axes), panels):
         ax.imshow(np.clip(panel, 0, 1), interpolation="nearest")
         ax.set_title(title, fontsize=8)
@@ -54,7 +57,8 @@ def segmentation_overlay(
     shown = np.union1d(prediction, prediction if truth is None else truth).astype(np.int64)
     handles = [Patch(color=colors[c], label=class_names[c]) for c in shown if c < len(class_names)]
     fig.legend(handles=handles, loc="center right", fontsize=7, frameon=False)
-    fig.subplots_adjust(left=0.01, right=0.78, wspace=0.05)
+    fig.subplots_adjust(left=0.01, right=1 - 125 / (width * len(panels) + 130), bottom=0.01,
+                        top=1 - 25 / (height + 30), wspace=0.05)
     return figure_to_array(fig)
 
 
