@@ -152,7 +152,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
     else:
         state = state.replace(params=initialize_from_pretrained(state.params, config.init))
     start_step = int(state.step)
-    if start_step:
+    if start_step >= total_steps:
+        logging.info("All %d steps are trained: evaluating the checkpoint of step %d again.", total_steps, start_step)
+    elif start_step:
         logging.info("Resuming training at step %d of %d.", start_step, total_steps)
 
     writer = runner.create_writer(workdir)
