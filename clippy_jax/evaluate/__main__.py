@@ -17,10 +17,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from clu import metric_writers  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clippy_jax import distributed  # noqa: E402
+from clippy_jax import distributed, logs  # noqa: E402
 from clippy_jax.evaluate import checkpoints, runner  # noqa: E402
 from clippy_jax.train import sharding  # noqa: E402
 
@@ -33,18 +32,25 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; leave accelerators to JAX.
+    logs.quiet_libraries()
     distributed.initialize()
     config = _CONFIG.value
     workdir = _WORKDIR.value if _WORKDIR.value.startswith("gs://") else os.path.abspath(_WORKDIR.value)
     loaded = checkpoints.load(config)
     logging.info("Evaluating %s (step %d) on %s.", config.init_from, loaded.step, ", ".join(config.eval.evaluators))
     params = jax.device_put(loaded.params, sharding.replicated(sharding.make_mesh(config.mesh)))
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = runner.create_writer(workdir)
     runner.run_evaluations(config, loaded.model, params, loaded.tokenizer, loaded.data_config, writer, workdir,
                            loaded.step)
     writer.close()
+    logging.info("Results: %s; TensorBoard: tensorboard --logdir %s", os.path.join(workdir, "results.md"), workdir)
+
+
+def run() -> None:
+    """The `clippy-evaluate` console command."""
+    jax.config.config_with_absl()
+    app.run(main)
 
 
 if __name__ == "__main__":
-    jax.config.config_with_absl()
-    app.run(main)
+    run()

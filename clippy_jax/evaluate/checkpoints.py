@@ -2,11 +2,12 @@
 
 * Training checkpoints: `init_from` is a training workdir (holding `checkpoints/`), its
   `checkpoints/` folder (the latest step is used) or one step folder `checkpoints/<step>`. Only the
-  `params` of the saved TrainState are read (orbax partial restore). The checkpoint does not record
-  the model, so `model_config` names the training config it came from, e.g.
-  `configs/demo.py:size=tiny`; its `model` section builds the model and its `data` section gives the
-  tokenizer, the text length and the image mean / std (the demo's synthetic data, and the tokenizer
-  trained on it, are found in - or regenerated into - `<workdir>/data`).
+  `params` of the saved TrainState are read (orbax partial restore). Training records its resolved
+  config in `<workdir>/config.json` and its tokenizer in `<workdir>/tokenizer.model`; `model_config`
+  (a config file, e.g. `configs/demo.py:size=tiny`) replaces the recorded config, and is needed for
+  workdirs written before it was recorded. The config's `model` section builds the model and its
+  `data` section gives the text length, the image mean / std / size and the demo's evaluation split.
+  Loading writes nothing: a missing tokenizer is an error, never regenerated.
 * Converted checkpoints (`python -m clippy_jax.convert`): any other directory, read with
   `clippy_jax.convert.load_pretrained(directory) -> (params, model config dict)`; the tokenizer is
   `<directory>/tokenizer.model` unless `tokenizer_path` is given; mean / std come from `data`.
@@ -14,6 +15,7 @@
 
 import dataclasses
 import importlib.util
+import json
 import os
 
 import flax.linen as nn
@@ -26,6 +28,8 @@ from clippy_jax.data import demo_data
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.models import build_model
 
+CONFIG_FILE = "config.json"  # the resolved training config, written by training
+TOKENIZER_FILE = "tokenizer.model"  # a copy of the training tokenizer, written by training
 _ORBAX_ITEM = "default"  # the item name CheckpointManager gives a single StandardSave item
 # Settings a converted checkpoint's model config may leave out.
 MODEL_DEFAULTS = dict(image_pool="max", text_pool="mean", embed_dim=512, temperature_init=0.07, dtype="float32",
@@ -53,6 +57,37 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(argument) if argument else module.get_config()
 
 
+def _tuples(value):
+    """JSON lists back to the tuples of the config files (flax module attributes must be hashable)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def save_training_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes `config` as `<workdir>/config.json`; returns the path."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(config.to_json(indent=2, sort_keys=True))
+    return path
+
+
+def training_config(workdir: str, model_config: str = "") -> ml_collections.ConfigDict:
+    """The config file `model_config` if given, else the training config recorded in `workdir`."""
+    if model_config:
+        return load_config_file(model_config)
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not tf.io.gfile.exists(path):
+        raise ValueError(
+            f"{workdir} is a training workdir without a recorded config ({CONFIG_FILE}, written by training "
+            "since it records one): set config.model_config to the training config, e.g. "
+            "--config.model_config=configs/demo.py:size=tiny (Clippy.load(..., model_config=...))."
+        )
+    with tf.io.gfile.GFile(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
 def orbax_step_dir(init_from: str) -> str | None:
     """The step folder to read for a training workdir / checkpoints folder / step folder, else None."""
     for directory in (os.path.join(init_from, "checkpoints"), init_from):
@@ -67,15 +102,16 @@ def orbax_step_dir(init_from: str) -> str | None:
 
 
 def restore_params(step_dir: str) -> dict:
-    """The `params` subtree of the TrainState saved in an orbax step folder, as numpy arrays."""
-    item = os.path.join(step_dir, _ORBAX_ITEM)
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(item).item_metadata.tree
-    abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata["params"])}
+    """The `params` subtree of the TrainState saved in an orbax step folder, as numpy arrays. The step
+    folder is read as the CheckpointManager wrote it (a composite of one `default` item), so that orbax
+    finds the step's metadata where it is."""
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{_ORBAX_ITEM: ocp.PyTreeCheckpointHandler()}))
+    tree = checkpointer.metadata(step_dir).item_metadata[_ORBAX_ITEM].tree
+    abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])}
     args = ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
     )
-    return checkpointer.restore(item, args=args)["params"]
+    return checkpointer.restore(step_dir, args=ocp.args.Composite(**{_ORBAX_ITEM: args}))[_ORBAX_ITEM]["params"]
 
 
 def load(config: ml_collections.ConfigDict) -> Loaded:
@@ -86,18 +122,12 @@ def load(config: ml_collections.ConfigDict) -> Loaded:
     step_dir = orbax_step_dir(config.init_from)
     data = ml_collections.ConfigDict(config.data.to_dict())
     if step_dir is not None:
-        if not config.model_config:
-            raise ValueError(
-                f"{config.init_from} is a training checkpoint, which does not record its model: set "
-                "config.model_config to the training config, e.g. --config.model_config=configs/demo.py:size=tiny."
-            )
-        train_config = load_config_file(config.model_config)
         workdir = os.path.dirname(os.path.dirname(step_dir.rstrip("/")))
-        if train_config.data.get("source") == "synthetic":
-            data = demo_data.prepare_data(train_config, workdir)
-        else:
-            keys = ("mean", "std", "tokenizer_path", "max_text_length")
-            data.update({k: train_config.data[k] for k in keys if k in train_config.data})
+        train_config = training_config(workdir, config.model_config)
+        data = demo_data.data_paths(train_config, workdir)
+        copy = os.path.join(workdir, TOKENIZER_FILE)
+        if tf.io.gfile.exists(copy):
+            data.tokenizer_path = copy
         model_config = train_config.model
         params = restore_params(step_dir)
         step = int(os.path.basename(step_dir.rstrip("/")))

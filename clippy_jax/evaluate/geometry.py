@@ -19,7 +19,6 @@ import math
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
@@ -100,15 +99,16 @@ def upsample(scores: jax.Array, shape: tuple[int, int]) -> jax.Array:
 
 def to_label_resolution(
     window_scores: np.ndarray, boxes: Sequence[tuple[int, int]], resized_shape: tuple[int, int],
-    window_shape: tuple[int, int], label_shape: tuple[int, int],
+    window_shape: tuple[int, int], label_shape: tuple[int, int], resize=upsample,
 ) -> jax.Array:
-    """Per-window score maps [n, gh, gw, K] of one image -> [H, W, K] at label resolution."""
+    """Per-window score maps [n, gh, gw, K] of one image -> [H, W, K] at label resolution; `resize`
+    (default `upsample`) is the bilinear resize (maps [..., h, w, K], shape) -> [..., *shape, K]."""
     if len(boxes) == 1 and tuple(resized_shape) == tuple(window_shape):
-        return upsample(window_scores[0], tuple(label_shape))
-    pixels = np.asarray(upsample(window_scores, tuple(window_shape)))  # [n, wh, ww, K]
+        return resize(window_scores[0], tuple(label_shape))
+    pixels = np.asarray(resize(window_scores, tuple(window_shape)))  # [n, wh, ww, K]
     total = np.zeros((*resized_shape, pixels.shape[-1]), np.float32)
     count = np.zeros((*resized_shape, 1), np.float32)
     for (y, x), window in zip(boxes, pixels):
         total[y:y + window_shape[0], x:x + window_shape[1]] += window
         count[y:y + window_shape[0], x:x + window_shape[1]] += 1
-    return upsample(jnp.asarray(total / count), tuple(label_shape))
+    return resize(total / count, tuple(label_shape))

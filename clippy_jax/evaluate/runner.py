@@ -31,6 +31,14 @@ EVALUATORS = {
 }
 
 
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard events in `workdir` (process 0 only); nothing on the console, which gets the
+    headlines and progress lines instead of every scalar and table."""
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.SummaryWriter(workdir)
+
+
 def resolve_tasks(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
     """(name, task settings with `kind`) for every entry of `config.eval.evaluators`."""
     tasks = config.eval.get("tasks") or {}

@@ -1,21 +1,25 @@
 """The train loop: data, sharded state, jitted steps, checkpoints, CLU logging, evaluations."""
 
+import datetime
+import json
 import os
 import signal
+import textwrap
 import time
 
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from clippy_jax import config_checks
 from clippy_jax.convert import load_pretrained, merge_pretrained
 from clippy_jax.data import demo_data, pipeline
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.evaluate import runner
+from clippy_jax.evaluate import checkpoints, runner
 from clippy_jax.models import build_model
 from clippy_jax.models.vit import patch_grid
 from clippy_jax.train import perf, sharding
@@ -83,14 +87,52 @@ def _check_finite(fetched: list[dict], first_step: int) -> None:
             )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config.train.steps` steps (resuming from `workdir`), then runs the evaluations."""
+def _finished_results(workdir: str, total_steps: int) -> dict | None:
+    """`results.json` of a run that trained all `total_steps` steps and was evaluated at the last one, else None."""
+    path = os.path.join(workdir, "results.json")
+    if not tf.io.gfile.exists(path) or not tf.io.gfile.exists(os.path.join(workdir, "checkpoints", str(total_steps))):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        results = json.load(f)
+    return results if results.get("step") == total_steps else None
+
+
+def _log_where(workdir: str, step: int) -> None:
+    logging.info("Results: %s | TensorBoard: tensorboard --logdir %s | checkpoint: %s",
+                 os.path.join(workdir, "results.md"), workdir, os.path.join(workdir, "checkpoints", str(step)))
+
+
+def _record_config(config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict, workdir: str) -> None:
+    """`<workdir>/config.json` (the config with its resolved data paths) and `<workdir>/tokenizer.model`,
+    so that the workdir alone loads the model (clippy_jax/evaluate/checkpoints.py)."""
+    if jax.process_index() > 0:
+        return
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    resolved.data = data_config.to_dict()
+    checkpoints.save_training_config(resolved, workdir)
+    tokenizer_copy = os.path.join(workdir, checkpoints.TOKENIZER_FILE)
+    if os.path.abspath(data_config.tokenizer_path) != os.path.abspath(tokenizer_copy):
+        tf.io.gfile.copy(data_config.tokenizer_path, tokenizer_copy, overwrite=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevaluate: bool = False) -> dict:
+    """Trains `config.train.steps` steps (resuming from `workdir`), then runs the evaluations.
+
+    A run that already trained and evaluated all its steps returns its recorded results at once,
+    unless `reevaluate`."""
     config_checks.validate(config, jax.device_count(), jax.process_count())
+    total_steps = config.train.steps
+    finished = None if reevaluate else _finished_results(workdir, total_steps)
+    if finished is not None:
+        logging.info("This run already finished: %d of %d steps trained and evaluated; rerun with --reevaluate to "
+                     "evaluate again, or raise --config.train.steps to train further.", total_steps, total_steps)
+        _log_where(workdir, total_steps)
+        return finished["evaluations"]
     data_config = demo_data.prepare_data(config, workdir)
+    _record_config(config, data_config, workdir)
     tokenizer = Tokenizer(data_config.tokenizer_path, config.data.max_text_length)
     model = build_model(config.model, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
-    total_steps = config.train.steps
     tx, schedule = make_optimizer(config.optim, total_steps)
     grid_shape = _grid_shape(config)
 
@@ -111,28 +153,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = state.replace(params=initialize_from_pretrained(state.params, config.init))
     start_step = int(state.step)
-    if start_step:
+    if start_step >= total_steps:
+        logging.info("All %d steps are trained: evaluating the checkpoint of step %d again.", total_steps, start_step)
+    elif start_step:
         logging.info("Resuming training at step %d of %d.", start_step, total_steps)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = runner.create_writer(workdir)
     if start_step == 0:
         writer.write_hparams(_flatten(config))
+        logging.info("Hyperparameters (also in TensorBoard's HPARAMS tab and %s):\n%s",
+                     os.path.join(workdir, checkpoints.CONFIG_FILE), hyperparameter_block(config))
     skip_nonfinite = config.train.on_nonfinite == "skip"
-    train_step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale,
-                                 grid_shape, skip_nonfinite, config.train.loss_block_size)
-    hooks = [periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.train.log_every)]
+    hooks = []
     if config.train.profile_steps and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
                                               first_profile=start_step + config.train.profile_first_step,
                                               every_secs=None, logdir=workdir))
-    batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
-                    for k, v in example.items()}
-    compiled_step = train_step.lower(state, batch_shapes).compile()
-    flops_per_step = perf.compiled_flops(compiled_step)
-    peak_flops, peak_source = perf.device_peak_flops()
-    logging.info("XLA: %s FLOPs per step per device; device peak %.3g FLOP/s (%s).", flops_per_step, peak_flops,
-                 peak_source)
+    if start_step < total_steps:
+        train_step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale,
+                                     grid_shape, skip_nonfinite, config.train.loss_block_size)
+        batch_shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+                        for k, v in example.items()}
+        compiled_step = train_step.lower(state, batch_shapes).compile()
+        flops_per_step = perf.compiled_flops(compiled_step)
+        peak_flops, peak_source = perf.device_peak_flops()
+        logging.info("XLA: %s FLOPs per step per device; device peak %.3g FLOP/s (%s).", flops_per_step, peak_flops,
+                     peak_source)
     preemption = PreemptionWatcher()
     last_log_time, last_log_step, pending = time.time(), start_step, []
     step = start_step
@@ -158,6 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     scalars["flops_per_step_per_device"] = flops_per_step
                     scalars["mfu"] = flops_per_step / seconds_per_step / peak_flops
                 writer.write_scalars(step, {**{f"train/{k}": v for k, v in scalars.items()}, **iterator.counters()})
+                _log_progress(step, total_steps, scalars, seconds_per_step)
                 pending, last_log_time, last_log_step = [], time.time(), step
             checkpointer.save(step, state, iterator, force=step == total_steps or stop)
             if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
@@ -170,7 +217,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
     results = runner.run_evaluations(config, model, state.params, tokenizer, data_config, writer, workdir, total_steps)
     writer.flush()
+    _log_where(workdir, total_steps)
     return results
+
+
+def _log_progress(step: int, total_steps: int, scalars: dict, seconds_per_step: float) -> None:
+    eta = datetime.timedelta(seconds=round(seconds_per_step * (total_steps - step)))
+    logging.info("step %d/%d (%.0f%%) | loss %.4f | %.1f examples/s | ETA %s", step, total_steps,
+                 100.0 * step / total_steps, scalars["loss"], scalars["examples_per_second"], eta)
+
+
+def hyperparameter_block(config: ml_collections.ConfigDict, width: int = 116) -> str:
+    """One indented, wrapped paragraph per top-level section: `section: key=value key=value ...`."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            text = f"{key}: " + " ".join(f"{k}={v}" for k, v in _flatten(value).items())
+        else:
+            text = f"{key}: {value}"
+        lines.append(textwrap.fill(text, width, initial_indent="  ", subsequent_indent="      ",
+                                   break_on_hyphens=False))
+    return "\n".join(lines)
 
 
 def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:

@@ -6,8 +6,11 @@ import optax
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to `config.learning_rate`, then cosine decay to 0 at `total_steps`."""
+    """Linear warm-up from 0 to `config.learning_rate`, then cosine decay to 0 at `total_steps`
+    (without warm-up steps, the cosine decay alone)."""
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    if warmup == 0:
+        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=max(total_steps, 1))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
