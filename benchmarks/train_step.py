@@ -380,6 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention", default="auto", help="JAX attention kernel (auto, xla, cudnn).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                         help="cpu hides accelerators from both frameworks; auto and gpu leave them visible.")
+    parser.add_argument("--cpu_xla_flags", type=int, default=1,
+                        help="1: the XLA:CPU flags of training (clippy_jax.train.perf.CPU_XLA_FLAGS); 0: defaults.")
     parser.add_argument("--rounds", type=int, default=1, help="Alternating runs of each framework.")
     parser.add_argument("--peak_trials", type=int, default=5, help="CPU matmul-peak measurements (the best counts).")
     parser.add_argument("--json", default="", help="Also write the rows here.")
@@ -394,9 +396,14 @@ def main(argv=None) -> None:
     if args.worker:
         print(RESULT_PREFIX + json.dumps(_worker(args)), flush=True)
         return
+    if args.cpu_xla_flags:
+        from clippy_jax.train.perf import add_cpu_xla_flags
+
+        add_cpu_xla_flags()  # inherited by the workers
     rows = benchmark(args, tuple(f.strip() for f in args.frameworks.split(",") if f.strip()))
     print(f"{args.preset} {PRESETS[args.preset]}, batch {args.batch_size}, remat {args.remat}, attention "
-          f"{args.attention}, {args.rounds} x ({args.warmup} warm-up + {args.steps} timed steps), median step")
+          f"{args.attention}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {args.rounds} x ({args.warmup} "
+          f"warm-up + {args.steps} timed steps), median step")
     print(format_table(rows), flush=True)
     for row in rows:
         extra = {k: row[k] for k in ("platform", "attention", "torch", "loss", "peak_rss_after_compile") if k in row}
