@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from clippy_jax.models import build_model
-from clippy_jax.models.vit import VisionTransformer
+from clippy_jax.models.vit import VisionTransformer, patch_grid
 
 T5_VOCAB_SIZE = 32128
 
@@ -49,7 +49,7 @@ def summarize(config: ml_collections.ConfigDict, vocab_size: int | None = None) 
         vocab_size = config.data.get("synthetic", {}).get("vocab_size") or T5_VOCAB_SIZE
     model = build_model(config.model, vocab_size)
     size, patch = config.data.image_size, model.image.get("patch_size", VisionTransformer.patch_size)
-    grid = (size // patch, size // patch)
+    grid = patch_grid((size, size), patch, model.image.get("patch_stride"))
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, config.data.max_text_length), jnp.int32)
     params = jax.eval_shape(lambda batch: nn.unbox(model.init(jax.random.key(0), batch)["params"]),

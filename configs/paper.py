@@ -55,7 +55,9 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
     )
     config.init = dict(
         image=placeholder(str),  # converted DINO ViT-B/16 (appendix Tab. 4, 9), or "random"
-        text=placeholder(str),  # converted T5-base or sentence-T5-base (appendix Tab. 9), or "random"
+        # converted T5-base or sentence-T5-base (appendix Tab. 9; sentence-T5 brings its 768 -> 768 Dense
+        # as text_projection: add --config.model.embed_dim=768), or "random"
+        text=placeholder(str),
         strict=True,
     )
     config.optim = dict(

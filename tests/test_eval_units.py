@@ -44,6 +44,8 @@ def test_imagenet_names_and_templates():
     names = zero_shot.read_lines("imagenet_classes.txt")
     templates = zero_shot.read_lines("imagenet_templates.txt")
     assert len(names) == 1000 and (names[0], names[999]) == ("tench", "toilet paper")
+    # OpenAI's curated list (open_clip 830197e) repeats these two names.
+    assert names[836] == names[837] == "sunglasses" and names[657] == names[744] == "missile"
     assert len(templates) == len(set(templates)) == 80 and all(t.count("{}") == 1 for t in templates)
 
 

@@ -143,24 +143,51 @@ def _read_weights(folder: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"No weights in {folder}; expected one of {WEIGHT_FILES} (or a sharded index).")
 
 
-def _sentence_transformers_modules(folder: str) -> tuple[str | None, str | None]:
-    """The Pooling and Dense module folders of a sentence-transformers model, if any."""
-    found = {}
-    for kind in ("Pooling", "Dense"):
-        paths = sorted(glob.glob(os.path.join(folder, f"*_{kind}")))
-        if len(paths) > 1:
-            raise ValueError(f"{folder} has several {kind} modules {paths}; only one is supported.")
-        found[kind] = paths[0] if paths else None
-    return found["Pooling"], found["Dense"]
+# sentence-transformers module types (`modules.json`) -> the role of their folder here.
+SENTENCE_TRANSFORMERS_MODULES = {"Transformer": "encoder", "T5": "encoder", "Pooling": "pooling", "Dense": "dense",
+                                 "Normalize": None}
+
+
+def _sentence_transformers_modules(folder: str) -> tuple[str, str | None, str | None]:
+    """The (encoder, Pooling, Dense) folders of a sentence-transformers model.
+
+    With `modules.json` (the saved layout: e.g. `0_T5EncoderModel/` or the folder itself for the
+    encoder, `1_Pooling/`, `2_Dense/`, `3_Normalize/`), its module paths and types; otherwise the
+    folder holds the encoder's config.json (or one `0_*` folder does) and `*_Pooling` / `*_Dense`
+    folders are optional."""
+    found = dict(encoder=[], pooling=[], dense=[])
+    modules_json = os.path.join(folder, "modules.json")
+    if os.path.exists(modules_json):
+        with open(modules_json) as f:
+            for module in json.load(f):
+                kind = module["type"].rsplit(".", 1)[-1]
+                if kind not in SENTENCE_TRANSFORMERS_MODULES:
+                    raise ValueError(f"{modules_json}: unsupported module type {module['type']!r}; supported: "
+                                     f"{sorted(SENTENCE_TRANSFORMERS_MODULES)}.")
+                if SENTENCE_TRANSFORMERS_MODULES[kind]:
+                    found[SENTENCE_TRANSFORMERS_MODULES[kind]].append(os.path.join(folder, module["path"]))
+    else:
+        found["encoder"] = [folder] if os.path.exists(os.path.join(folder, "config.json")) else sorted(
+            os.path.dirname(p) for p in glob.glob(os.path.join(folder, "0_*", "config.json")))
+        found["pooling"] = sorted(glob.glob(os.path.join(folder, "*_Pooling")))
+        found["dense"] = sorted(glob.glob(os.path.join(folder, "*_Dense")))
+    if len(found["encoder"]) != 1:
+        raise FileNotFoundError(f"{folder}: expected one T5 encoder folder with a config.json (the folder itself or "
+                                f"0_T5EncoderModel/ ...), found {found['encoder'] or 'none'}.")
+    for kind in ("pooling", "dense"):
+        if len(found[kind]) > 1:
+            raise ValueError(f"{folder} has several {kind} modules {found[kind]}; only one is supported.")
+    return found["encoder"][0], *(found[kind][0] if found[kind] else None for kind in ("pooling", "dense"))
 
 
 def import_hf_t5(folder: str) -> Converted:
-    """A transformers T5 / T5.1.1 folder (config.json + weights), or a sentence-T5 folder whose
-    mean pooling and bias-free Dense layer (`2_Dense/`) become `text_pool` and `text_projection`."""
-    with open(os.path.join(folder, "config.json")) as f:
+    """A transformers T5 / T5.1.1 folder (config.json + weights), or a sentence-T5 model folder
+    (sentence-transformers layout: `modules.json`, `0_T5EncoderModel/`, `1_Pooling/`, `2_Dense/`)
+    whose mean pooling and bias-free Dense layer become `text_pool` and `text_projection`."""
+    encoder, pooling, dense = _sentence_transformers_modules(folder)
+    with open(os.path.join(encoder, "config.json")) as f:
         kwargs = kwargs_from_hf_config(json.load(f))
-    converted = convert_hf_t5(_read_weights(folder), kwargs)
-    pooling, dense = _sentence_transformers_modules(folder)
+    converted = convert_hf_t5(_read_weights(encoder), kwargs)
     if pooling is not None:
         converted.model_config["text_pool"] = _sentence_t5_pooling(pooling)
     if dense is not None:
