@@ -2,6 +2,7 @@
 `jax.nn.dot_product_attention` with T5's bias and right padding, the remat policies, and the training
 core importing without TensorFlow (the GPU machine has none)."""
 
+import os
 import subprocess
 import sys
 
@@ -112,3 +113,17 @@ def test_training_core_imports_without_tensorflow():
         "assert 'tensorflow' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
+
+
+def test_cpu_xla_flags_are_added_without_overriding_the_users(monkeypatch):
+    from clippy_jax.train import perf
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    perf.add_cpu_xla_flags()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *perf.CPU_XLA_FLAGS]
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT")
+    perf.add_cpu_xla_flags()
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
+    # XLA knows the flags (it aborts on an unknown one).
+    subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], check=True,
+                   env={**os.environ, "XLA_FLAGS": " ".join(perf.CPU_XLA_FLAGS), "JAX_PLATFORMS": "cpu"})
