@@ -121,7 +121,7 @@ def test_one_pass_over_the_sources_has_every_example_and_fault_once(shards):
 
 def _expected_stream(config, tokenizer, seed: int, count: int) -> tuple[list[str], list[dict]]:
     """The usable captions in order, and the skip counters after each, replayed from the encoded stream."""
-    stream = sources.examples(config, seed).shuffle(config.shuffle_buffer, seed=seed)
+    stream, _ = pipeline.shuffled_examples(config, seed)(pipeline.Start())
     undecodable = {_example(i)["image"] for i in UNDECODABLE}
     counts, captions, counters = dict.fromkeys(sources.REASONS, 0), [], []
     for element in stream.as_numpy_iterator():
