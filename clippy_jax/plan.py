@@ -295,6 +295,10 @@ def _gb(n: float) -> str:
     return f"{n / GB:.3f} GB"
 
 
+def _bytes(n: int) -> str:
+    return f"{n:,} B ({_gb(n)})"
+
+
 def format_plan(plan: dict) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in plan["mesh"].items())
     rows = [
@@ -302,14 +306,14 @@ def format_plan(plan: dict) -> str:
         "",
         "| per device | bytes |",
         "|---|---|",
-        f"| parameters | {_gb(plan['params'])} |",
-        f"| optimiser state | {_gb(plan['opt_state'])} |",
-        f"| gradients | {_gb(plan['grads'])} |",
-        f"| batch | {_gb(plan['batch'])} |",
+        f"| parameters | {_bytes(plan['params'])} |",
+        f"| optimiser state | {_bytes(plan['opt_state'])} |",
+        f"| gradients | {_bytes(plan['grads'])} |",
+        f"| batch | {_bytes(plan['batch'])} |",
         f"| XLA arguments / outputs / aliased | {_gb(plan['arguments'])} / {_gb(plan['outputs'])} / "
         f"{_gb(plan['aliased'])} |",
-        f"| XLA temporaries | {_gb(plan['temporaries'])} |",
-        f"| estimated peak (arguments + outputs - aliased + temporaries) | {_gb(plan['peak'])} |",
+        f"| XLA temporaries | {_bytes(plan['temporaries'])} |",
+        f"| estimated peak (arguments + outputs - aliased + temporaries) | {_bytes(plan['peak'])} |",
         f"| FLOPs per step | {plan['flops']:.4g} |",
         "",
         "| collectives by kind and mesh axes | executions per step | bytes per step |",

@@ -272,3 +272,35 @@ def test_a_shard_cut_after_start_up_is_counted_or_stops_the_run_but_never_hangs(
         assert outcome[0]["data/skipped_bad_shard"] >= 1
     else:
         assert isinstance(outcome[0], tf.errors.InvalidArgumentError) and "train-00001.tar" in str(outcome[0])
+
+
+def test_each_block_is_a_permutation_of_the_source_stream(shards):
+    block = shards.shuffle_buffer
+    source = sources.examples(shards, seed=2).take(3 * block).as_numpy_iterator()
+    shuffled, _ = pipeline.shuffled_examples(shards, seed=2)(pipeline.Start())
+    shuffled = list(shuffled.take(3 * block).as_numpy_iterator())
+
+    def key(element) -> tuple:
+        return int(element["status"]), element["image"], tuple(element["captions"])
+
+    source_keys = [key(e) for e in source]
+    assert [int(e["position"]) for e in shuffled] == list(range(3 * block))
+    for start in range(0, 3 * block, block):
+        assert sorted(key(e) for e in shuffled[start : start + block]) == sorted(source_keys[start : start + block])
+    assert [key(e) for e in shuffled] != source_keys
+
+
+def test_iterator_state_does_not_grow_with_the_shuffle_buffer(shards, tokenizer, tmp_path):
+    """The state holds no buffered example: a buffer 64x larger (more than the whole data set, ~7 passes)
+    leaves it within a few hundred bytes, under 64 KiB, while a single encoded example is ~1 KiB here."""
+    sizes = {}
+    for shuffle_buffer in (4, 256):
+        config = data_config(**{**shards.to_dict(), "shuffle_buffer": shuffle_buffer})
+        iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, seed=0))
+        take(iterator, 3)
+        directory = tmp_path / str(shuffle_buffer)
+        iterator.save(str(directory))
+        sizes[shuffle_buffer] = sum(f.stat().st_size for f in directory.iterdir())
+    encoded = sum(len(e["image"]) for e in sources.examples(shards, seed=0, epochs=1).as_numpy_iterator())
+    assert encoded > 64 * 1024  # the 256-example buffer would hold more than the bound
+    assert sizes[256] < 64 * 1024 and sizes[256] <= sizes[4] + 512, sizes
