@@ -1,12 +1,12 @@
 """Size of the input iterator's checkpoint and the time its save blocks the train loop.
 
-  python benchmarks/iterator_state.py --setting=paper [--workdir=/tmp/clippy_iterator_state]
+  python benchmarks/iterator_state.py --setting=paper [--data_dir=/tmp/clippy_iterator_state]
   python benchmarks/iterator_state.py --setting=demo    # configs/demo.py's data (tiny: the tests' run)
 
 `paper`: the paper's data settings (shuffle buffer 20k, 448 px with 80% of the patches dropped,
 batch 256 per host, 16-shard interleave, prefetch 4) over img2dataset TFRecord shards of synthetic
 448-640 px JPEGs (written once; distinct photos repeat under distinct captions). `demo` / `tiny`:
-the demo's synthetic data at `configs/demo.py`'s (or `:size=tiny`'s) batch size. After --batches
+the demo's synthetic data at `configs/demo.py`'s (or `:size=tiny`'s) batch size. After --batches_before_save
 batches the iterator is saved (the wall time of `InputIterator.save` is what the loop waits for),
 restored into a fresh pipeline, and the next batch of both is compared bit for bit.
 """
@@ -27,8 +27,8 @@ from clippy_jax.data import demo_data, pipeline, writers  # noqa: E402
 from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 _SETTING = flags.DEFINE_enum("setting", "paper", ["tiny", "demo", "paper"], "Data settings to measure.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/clippy_iterator_state", "Where the shards are written.")
-_BATCHES = flags.DEFINE_integer("batches", 3, "Batches taken before the save.")
+_DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/clippy_iterator_state", "Where the shards are written.")
+_TAKEN = flags.DEFINE_integer("batches_before_save", 3, "Batches taken before the save.")
 
 PAPER_SHARDS, PAPER_PHOTOS, PAPER_RECORDS = 16, 512, 24_000
 
@@ -85,7 +85,7 @@ def _directory_bytes(directory: str) -> int:
 def main(argv: list[str]) -> None:
     del argv
     tf.config.set_visible_devices([], "GPU")
-    directory = _WORKDIR.value
+    directory = _DATA_DIR.value
     if _SETTING.value == "paper":
         config, batch, mean_bytes = paper_data(os.path.join(directory, "paper"))
     else:
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
     tokenizer = Tokenizer(config.tokenizer_path, config.max_text_length)
     iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, batch, seed=0))
     start = time.perf_counter()
-    for _ in range(_BATCHES.value):
+    for _ in range(_TAKEN.value):
         next(iterator)
     first = time.perf_counter() - start
     state_dir = os.path.join(directory, f"state_{_SETTING.value}")
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> None:
     restore_seconds = time.perf_counter() - start
     exact = all(np.array_equal(expected[k], got[k]) for k in expected) and restored.counters() == iterator.counters()
     print(f"| setting | shuffle buffer | batch | image size | mean JPEG | iterator state | save (blocks the loop) "
-          f"| restore + first batch | first {_BATCHES.value} batches | next batch bit-identical after restore |\n"
+          f"| restore + first batch | first {_TAKEN.value} batches | next batch bit-identical after restore |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {_SETTING.value} | {config.shuffle_buffer} | {batch} | {config.image_size} | {mean_bytes / 1024:.0f} KiB "
           f"| {state_bytes / 2**20:.3f} MiB ({state_bytes:,} B) | {save_seconds:.3f} s | {restore_seconds:.1f} s "

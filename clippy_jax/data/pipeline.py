@@ -121,7 +121,8 @@ class _BlockReader:
         self._blocks = source.ragged_batch(size)
         self._start = start
         self._states = {start.block: start.source_state}
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._ended = False
         self.error: tf.errors.OpError | None = None  # the source's error, raised when the stream reaches it
 
     def __call__(self):
@@ -129,26 +130,35 @@ class _BlockReader:
         if self._start.source_state is not None:
             iterator._restore(tf.constant(self._start.source_state))  # noqa: SLF001 (tf.data's in-memory state)
         block, skip = self._start.block, self._start.skip
-        while True:
-            state = iterator._save().numpy()  # noqa: SLF001
-            with self._lock:
-                self._states[block] = state
-            try:
-                examples = next(iterator)
-            except StopIteration:
-                return
-            except tf.errors.OpError as error:  # ends the stream here; InputIterator raises it unchanged
-                self.error = error
-                return
-            yield block, skip, examples
-            block, skip = block + 1, 0
+        try:
+            while True:
+                state = iterator._save().numpy()  # noqa: SLF001
+                with self._changed:
+                    self._states[block] = state
+                    self._changed.notify_all()
+                try:
+                    examples = next(iterator)
+                except StopIteration:
+                    return
+                except tf.errors.OpError as error:  # ends the stream here; InputIterator raises it unchanged
+                    self.error = error
+                    return
+                yield block, skip, examples
+                block, skip = block + 1, 0
+        finally:
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
 
     def source_state(self, block: int) -> bytes | None:
-        with self._lock:
+        """The source's state at the start of `block`; waits for the generator to reach the block if the
+        last example delivered ended the block before."""
+        with self._changed:
+            self._changed.wait_for(lambda: block in self._states or self._ended)
             return self._states[block]
 
     def forget_before(self, block: int) -> None:
-        with self._lock:
+        with self._changed:
             for old in [b for b in self._states if b < block]:
                 del self._states[old]
 
