@@ -33,6 +33,7 @@ consumed, the next one (read ahead, so that a new block never stalls the loop) a
 read: up to 3 x shuffle_buffer encoded examples (20k x 80 KB x 3 = 4.8 GB at the paper's settings).
 """
 
+import atexit
 import dataclasses
 import io
 import os
@@ -58,6 +59,8 @@ CROPS = ("random", "center")
 DECODE_WINDOW = 8
 # The file of an iterator checkpoint, in the directory given to `InputIterator.save`.
 STATE_FILE = "iterator.npz"
+# Iterators closed at exit (see InputIterator.close).
+_OPEN: "weakref.WeakSet[InputIterator]" = weakref.WeakSet()
 # train_dataset's result -> the function of a `Start` that makes the same batches with their skip
 # counters and positions (read by InputIterator).
 _WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, Callable]" = weakref.WeakKeyDictionary()
@@ -266,6 +269,12 @@ class InputIterator:
             raise TypeError("InputIterator reads the dataset that pipeline.train_dataset returned, untransformed.")
         self._build, self._block_size = _WITH_COUNTERS[dataset]
         self._begin(Start())
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Stops the pipeline. Called at exit: a block read still in flight when the interpreter is torn
+        down would wait for the interpreter lock forever."""
+        self._iterator = None
 
     def _begin(self, start: Start) -> None:
         self._batches, self._reader = self._build(start)
@@ -319,3 +328,9 @@ class InputIterator:
         self._begin(Start(int(saved["block"]), int(saved["skip"]),
                           saved["source_state"].tobytes() if saved["has_source_state"] else None,
                           tuple(int(n) for n in saved["skipped"]), int(saved["last_position"])))
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN):
+        iterator.close()
