@@ -48,7 +48,8 @@ def paper_data(directory: str) -> tuple[ml_collections.ConfigDict, int, float]:
     if not os.path.exists(marker):
         os.makedirs(directory, exist_ok=True)
         rng = np.random.default_rng(0)
-        photos = [_benchmark_pipeline_module()._photo(rng, 448, 640) for _ in range(PAPER_PHOTOS)]  # noqa: SLF001
+        photo = _benchmark_pipeline_module()._photo  # noqa: SLF001
+        photos = [photo(rng, 448, 640) for _ in range(PAPER_PHOTOS)]
         captions = [f"photo {i} of {rng.choice(['a cat', 'two dogs', 'the sea', 'a red car'])}"
                     for i in range(PAPER_RECORDS)]
         for shard, indices in enumerate(np.array_split(np.arange(PAPER_RECORDS), PAPER_SHARDS)):
