@@ -39,9 +39,9 @@ SETTINGS = [("224", 224, 1.0), ("448, keep 20%", 448, 0.2)]
 FORMATS = [("img2dataset_tfrecord", "tfrecord"), ("webdataset", "tar")]
 
 
-def _photo(rng: np.random.Generator) -> bytes:
-    """A JPEG of 256-512 px per side with smooth regions, shapes and sensor-like noise."""
-    height, width = (int(s) for s in rng.integers(256, 513, 2))
+def _photo(rng: np.random.Generator, low: int = 256, high: int = 512) -> bytes:
+    """A JPEG of `low`-`high` px per side with smooth regions, shapes and sensor-like noise."""
+    height, width = (int(s) for s in rng.integers(low, high + 1, 2))
     low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
     image = Image.fromarray(low).resize((width, height), Image.BICUBIC)
     draw = ImageDraw.Draw(image)

@@ -121,7 +121,7 @@ def test_one_pass_over_the_sources_has_every_example_and_fault_once(shards):
 
 def _expected_stream(config, tokenizer, seed: int, count: int) -> tuple[list[str], list[dict]]:
     """The usable captions in order, and the skip counters after each, replayed from the encoded stream."""
-    stream = sources.examples(config, seed).shuffle(config.shuffle_buffer, seed=seed)
+    stream, _ = pipeline.shuffled_examples(config, seed)(pipeline.Start())
     undecodable = {_example(i)["image"] for i in UNDECODABLE}
     counts, captions, counters = dict.fromkeys(sources.REASONS, 0), [], []
     for element in stream.as_numpy_iterator():
@@ -276,3 +276,35 @@ def test_a_shard_cut_after_start_up_is_counted_or_stops_the_run_but_never_hangs(
         assert outcome[0]["data/skipped_bad_shard"] >= 1
     else:
         assert isinstance(outcome[0], tf.errors.InvalidArgumentError) and "train-00001.tar" in str(outcome[0])
+
+
+def test_each_block_is_a_permutation_of_the_source_stream(shards):
+    block = shards.shuffle_buffer
+    source = sources.examples(shards, seed=2).take(3 * block).as_numpy_iterator()
+    shuffled, _ = pipeline.shuffled_examples(shards, seed=2)(pipeline.Start())
+    shuffled = list(shuffled.take(3 * block).as_numpy_iterator())
+
+    def key(element) -> tuple:
+        return int(element["status"]), element["image"], tuple(element["captions"])
+
+    source_keys = [key(e) for e in source]
+    assert [int(e["position"]) for e in shuffled] == list(range(3 * block))
+    for start in range(0, 3 * block, block):
+        assert sorted(key(e) for e in shuffled[start : start + block]) == sorted(source_keys[start : start + block])
+    assert [key(e) for e in shuffled] != source_keys
+
+
+def test_iterator_state_does_not_grow_with_the_shuffle_buffer(shards, tokenizer, tmp_path):
+    """The state holds no buffered example: a buffer 64x larger (more than the whole data set, ~7 passes)
+    leaves it within a few hundred bytes, under 64 KiB, while a single encoded example is ~1 KiB here."""
+    sizes = {}
+    for shuffle_buffer in (4, 256):
+        config = data_config(**{**shards.to_dict(), "shuffle_buffer": shuffle_buffer})
+        iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, seed=0))
+        take(iterator, 3)
+        directory = tmp_path / str(shuffle_buffer)
+        iterator.save(str(directory))
+        sizes[shuffle_buffer] = sum(f.stat().st_size for f in directory.iterdir())
+    encoded = sum(len(e["image"]) for e in sources.examples(shards, seed=0, epochs=1).as_numpy_iterator())
+    assert encoded > 64 * 1024  # the 256-example buffer would hold more than the bound
+    assert sizes[256] < 64 * 1024 and sizes[256] <= sizes[4] + 512, sizes

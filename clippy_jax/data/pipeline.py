@@ -3,10 +3,11 @@
 Stages (one process):
 
   sources.examples            endless encoded examples with a status (see `sources.py`)
-  shuffle(shuffle_buffer)     of encoded bytes, so iterator checkpoints stay small
-  enumerate                   the example's position: every random draw is stateless from
-                              (seed, process_index, position), so the stream is a pure function
-                              of the seed
+  block shuffle               blocks of `shuffle_buffer` encoded examples, each permuted by a stateless
+                              permutation of (seed, process_index, block index); the example's
+                              position is block index x shuffle_buffer + its place in the permuted
+                              block. Every random draw is stateless from (seed, process_index,
+                              position), so the stream is a pure function of the seed
   window + interleave(decode) windows of DECODE_WINDOW examples decoded in parallel, in order;
                               an image that fails to decode raises and is dropped inside its
                               window (`ignore_errors`), leaving a gap in the positions
@@ -14,26 +15,31 @@ Stages (one process):
                               and from position gaps (undecodable images)
   filter(status == OK)
   map(prepare)                caption draw, resize, crop, normalise, patch dropping
-  batch + map(tokenize)       the counters of the batch's last example ride along
+  batch + map(tokenize)       the counters and position of the batch's last example ride along
   prefetch
 
-Skip counters are thus computed in the stream itself: deterministic, exact (no sampling), and
-saved with the iterator state since the `scan` state is part of it. The dataset that
-`train_dataset` returns has the model inputs only (its `element_spec` shapes the compiled step);
-`InputIterator` iterates the same stream with the counters of each batch attached (`SKIPPED_KEY`)
-and reports them through `counters()`.
+Skip counters are thus computed in the stream itself: deterministic and exact (no sampling). The
+dataset that `train_dataset` returns has the model inputs only (its `element_spec` shapes the compiled
+step); `InputIterator` iterates the same stream with the counters and position of each batch attached
+and reports the counters through `counters()`.
 
-Iterator checkpoint size per process (explicit tf.data checkpointing saves every buffer), at most
-  shuffle_buffer x encoded example (image bytes + captions)     e.g. 20k x 80 KB = 1.6 GB
-  + (prefetch + 1) x local batch x output example               e.g. 3 x 256 x 0.6 MB = 460 MB
-  + parallel calls (about the core count) x (DECODE_WINDOW x decoded image H x W x 3 B + output example)
-  + interleave x (a TFRecord offset | a tar's unparsed tail: < one member + 256 KiB)
-where an output example is S^2 x 3 x 4 B (image) or K x p^2 x 3 x 4 B (kept patches), plus L x 4 B
-of tokens. Measured: 109 MiB with 25 KiB JPEGs, shuffle_buffer=1000, batch 64 at 224, prefetch=2.
+Iterator checkpoints hold no buffer: the state is the position of the last example delivered, the skip
+counters, and the tf.data state of the source reader at the start of that example's block (shard
+offsets and the reader's own read-ahead, taken when the block was read). Restoring rebuilds the
+pipeline from that block: the block is read again (encoded bytes only), permuted, the examples up to
+the position are dropped before decoding, and the counting scan starts from the saved counters.
+Saving writes these few kilobytes and never waits for the pipeline. Host memory: the block being
+consumed, the next one (read ahead, so that a new block never stalls the loop) and the one being
+read: up to 3 x shuffle_buffer encoded examples (20k x 80 KB x 3 = 4.8 GB at the paper's settings).
 """
 
+import atexit
+import dataclasses
+import io
 import os
+import threading
 import weakref
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -43,14 +49,21 @@ from clippy_jax.data import preprocess, sources
 from clippy_jax.data.tokenizer import Tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
-# The batch entry that carries the cumulative skip counters (int32 [len(sources.REASONS)]).
+# The batch entries that carry the cumulative skip counters (int32 [len(sources.REASONS)]) and the
+# position of the batch's last example (int64).
 SKIPPED_KEY = "data_skipped"
+POSITION_KEY = "data_position"
 CROPS = ("random", "center")
 # Examples per decoding task: amortises the task's set-up; its decoded images are in flight (and in
 # an iterator checkpoint) together.
 DECODE_WINDOW = 8
-# train_dataset's result -> the same batches with their skip counters (read by InputIterator).
-_WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, tf.data.Dataset]" = weakref.WeakKeyDictionary()
+# The file of an iterator checkpoint, in the directory given to `InputIterator.save`.
+STATE_FILE = "iterator.npz"
+# Iterators closed at exit (see InputIterator.close).
+_OPEN: "weakref.WeakSet[InputIterator]" = weakref.WeakSet()
+# train_dataset's result -> the function of a `Start` that makes the same batches with their skip
+# counters and positions (read by InputIterator).
+_WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, Callable]" = weakref.WeakKeyDictionary()
 # Data keys that configs written before them may lack.
 DEFAULTS = dict(crop="random", tfds_name="", tfds_data_dir="", tfds_split="train", patch_stride=0)
 
@@ -87,6 +100,108 @@ def _count(state: tuple[tf.Tensor, tf.Tensor], example: dict[str, tf.Tensor]):
     return (counts, example["position"]), dict(example, skipped=counts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a stream starts: `skip` examples into `block`, whose source reader state is `source_state`
+    (None: the beginning of the stream), with the counting scan's state (`skipped`, `last_position`)."""
+
+    block: int = 0
+    skip: int = 0
+    source_state: bytes | None = None
+    skipped: tuple[int, ...] = (0,) * len(sources.REASONS)
+    last_position: int = -1
+
+
+class _BlockReader:
+    """Generates (block index, examples to skip, block of encoded examples) from a start, and keeps
+    the source reader's state at the start of every block not yet delivered in full.
+
+    A source error ends the generated stream (`from_generator` would turn it into an UnknownError)
+    and is kept in `error`.
+    """
+
+    def __init__(self, source: tf.data.Dataset, size: int, start: Start):
+        self._blocks = source.ragged_batch(size)
+        self._start = start
+        self._states = {start.block: start.source_state}
+        self._changed = threading.Condition()
+        self._ended = False
+        self.error: tf.errors.OpError | None = None  # the source's error, raised when the stream reaches it
+
+    def __call__(self):
+        iterator = iter(self._blocks)
+        if self._start.source_state is not None:
+            iterator._restore(tf.constant(self._start.source_state))  # noqa: SLF001 (tf.data's in-memory state)
+        block, skip = self._start.block, self._start.skip
+        try:
+            while True:
+                state = iterator._save().numpy()  # noqa: SLF001
+                with self._changed:
+                    self._states[block] = state
+                    self._changed.notify_all()
+                try:
+                    examples = next(iterator)
+                except StopIteration:
+                    return
+                except tf.errors.OpError as error:  # ends the stream here; InputIterator raises it unchanged
+                    self.error = error
+                    return
+                yield block, skip, examples
+                block, skip = block + 1, 0
+        finally:
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+
+    def source_state(self, block: int) -> bytes | None:
+        """The source's state at the start of `block`; waits for the generator to reach the block if the
+        last example delivered ended the block before."""
+        with self._changed:
+            self._changed.wait_for(lambda: block in self._states or self._ended)
+            return self._states[block]
+
+    def forget_before(self, block: int) -> None:
+        with self._changed:
+            for old in [b for b in self._states if b < block]:
+                del self._states[old]
+
+
+def _permuted_block(block: tf.Tensor, skip: tf.Tensor, examples: dict[str, tf.Tensor], shuffle_seed: tf.Tensor,
+                    size: int) -> tf.data.Dataset:
+    """The block's examples in the order of a stateless permutation, with their positions, from `skip` on."""
+    count = tf.shape(examples["status"])[0]
+    order = tf.argsort(tf.random.stateless_uniform([count], tf.random.experimental.stateless_fold_in(
+        shuffle_seed, block)))
+    permuted = {k: tf.gather(v, order) for k, v in examples.items()}
+    permuted["position"] = block * size + tf.range(tf.cast(count, tf.int64))
+    return tf.data.Dataset.from_tensor_slices(permuted).skip(skip)
+
+
+def shuffled_examples(config: ml_collections.ConfigDict, seed: int, process_index: int = 0,
+                      process_count: int = 1) -> Callable[[Start], tuple[tf.data.Dataset, _BlockReader]]:
+    """Lists the source once; returns the function of a `Start` that gives the block-shuffled encoded
+    stream from there (each example with its `position`) and its block reader."""
+    source = sources.examples(config, seed, process_index, process_count)
+    spec = source.element_spec
+    signature = (
+        tf.TensorSpec([], tf.int64),
+        tf.TensorSpec([], tf.int64),
+        {k: tf.RaggedTensorSpec([None, *v.shape], v.dtype, ragged_rank=1, row_splits_dtype=tf.int64) if v.shape.rank
+         else tf.TensorSpec([None], v.dtype) for k, v in spec.items()},
+    )
+    shuffle_seed = tf.random.experimental.stateless_fold_in(tf.constant([seed, process_index], tf.int64), -1)
+
+    def from_start(start: Start) -> tuple[tf.data.Dataset, _BlockReader]:
+        reader = _BlockReader(source, config.shuffle_buffer, start)
+        # One block read ahead, so that a new block never waits for the source.
+        blocks = tf.data.Dataset.from_generator(reader, output_signature=signature).prefetch(1)
+        examples = blocks.flat_map(lambda block, skip, examples: _permuted_block(
+            block, skip, examples, shuffle_seed, config.shuffle_buffer))
+        return examples, reader
+
+    return from_start
+
+
 def train_dataset(
     config: ml_collections.ConfigDict,
     tokenizer: Tokenizer,
@@ -112,7 +227,7 @@ def train_dataset(
         caption = captions[tf.random.stateless_uniform([], caption_seed, maxval=tf.size(captions), dtype=tf.int32)]
         image = preprocess.crop_to_square(example["image"], config.image_size,
                                           crop_seed if config.crop == "random" else None)
-        out = dict(caption=caption, skipped=example["skipped"])
+        out = dict(caption=caption, skipped=example["skipped"], position=example["position"])
         if keep is None:
             out["image"] = preprocess.normalize(image, config.mean, config.std)
         else:  # normalise only the kept patches
@@ -124,50 +239,100 @@ def train_dataset(
         batch = dict(batch)
         batch["tokens"] = tokenizer.tf_encode(batch.pop("caption"))
         batch[SKIPPED_KEY] = batch.pop("skipped")[-1]
+        batch[POSITION_KEY] = batch.pop("position")[-1]
         return batch
 
-    examples = sources.examples(config, seed, process_index, process_count)
-    examples = examples.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    examples = examples.enumerate().map(lambda position, example: dict(example, position=position))
-    # Windows decoded in parallel, each in order and whole before the next (block_length): stream order.
-    decoded = examples.window(DECODE_WINDOW).interleave(
-        _decoded, cycle_length=AUTOTUNE, block_length=DECODE_WINDOW, num_parallel_calls=AUTOTUNE, deterministic=True)
-    initial = (tf.zeros([len(sources.REASONS)], tf.int32), tf.constant(-1, tf.int64))
-    counted = decoded.scan(initial, _count).filter(lambda example: example["status"] == sources.OK)
-    ready = counted.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    batches = ready.batch(local_batch_size, drop_remainder=True)
-    # Sequential: a parallel map would buffer (and checkpoint) up to one batch per core.
-    with_counters = batches.map(tokenize).prefetch(config.prefetch)
-    inputs = with_counters.map(lambda batch: {k: v for k, v in batch.items() if k != SKIPPED_KEY})
-    _WITH_COUNTERS[inputs] = with_counters
+    shuffled = shuffled_examples(config, seed, process_index, process_count)
+
+    def batches(start: Start) -> tuple[tf.data.Dataset, _BlockReader]:
+        examples, reader = shuffled(start)
+        # Windows decoded in parallel, each in order and whole before the next (block_length): stream order.
+        decoded = examples.window(DECODE_WINDOW).interleave(
+            _decoded, cycle_length=AUTOTUNE, block_length=DECODE_WINDOW, num_parallel_calls=AUTOTUNE,
+            deterministic=True)
+        initial = (tf.constant(start.skipped, tf.int32), tf.constant(start.last_position, tf.int64))
+        counted = decoded.scan(initial, _count).filter(lambda example: example["status"] == sources.OK)
+        ready = counted.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+        batched = ready.batch(local_batch_size, drop_remainder=True)
+        return batched.map(tokenize).prefetch(config.prefetch), reader
+
+    with_counters, _ = batches(Start())
+    inputs = with_counters.map(lambda batch: {k: v for k, v in batch.items() if k not in (SKIPPED_KEY, POSITION_KEY)})
+    _WITH_COUNTERS[inputs] = (batches, config.shuffle_buffer)
     return inputs
 
 
 class InputIterator:
-    """A numpy iterator over a `train_dataset` whose position and skip counters can be checkpointed."""
+    """A numpy iterator over a `train_dataset` whose position and skip counters can be checkpointed
+    in a few kilobytes (see the module docstring)."""
 
     def __init__(self, dataset: tf.data.Dataset):
         if dataset not in _WITH_COUNTERS:
             raise TypeError("InputIterator reads the dataset that pipeline.train_dataset returned, untransformed.")
-        self._iterator = iter(_WITH_COUNTERS[dataset])
-        self._skipped = tf.Variable(tf.zeros([len(sources.REASONS)], tf.int32), trainable=False)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator, skipped=self._skipped)
+        self._build, self._block_size = _WITH_COUNTERS[dataset]
+        self._begin(Start())
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Stops the pipeline. Called at exit: a block read still in flight when the interpreter is torn
+        down would wait for the interpreter lock forever."""
+        self._iterator = None
+
+    def _begin(self, start: Start) -> None:
+        self._batches, self._reader = self._build(start)
+        self._iterator = None  # made at the first batch: nothing is read before a restore
+        self._skipped, self._position = np.asarray(start.skipped, np.int32), start.last_position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        self._skipped.assign(batch.pop(SKIPPED_KEY))
+        if self._iterator is None:
+            self._iterator = iter(self._batches)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self._reader.error is not None:
+                raise self._reader.error from None
+            raise
+        self._skipped = batch.pop(SKIPPED_KEY).numpy()
+        self._position = int(batch.pop(POSITION_KEY))
+        self._reader.forget_before((self._position + 1) // self._block_size)
         return {k: v.numpy() for k, v in batch.items()}
 
     def counters(self) -> dict[str, int]:
         """{'data/skipped_<reason>': count}, cumulative over this process's stream up to the last batch."""
-        return {f"data/skipped_{reason}": int(n) for reason, n in zip(sources.REASONS, self._skipped.numpy())}
+        return {f"data/skipped_{reason}": int(n) for reason, n in zip(sources.REASONS, self._skipped)}
+
+    def state(self) -> Start:
+        """Where the stream continues after the last batch delivered."""
+        block, skip = divmod(self._position + 1, self._block_size)
+        return Start(block, skip, self._reader.source_state(block), tuple(int(n) for n in self._skipped),
+                     self._position)
 
     def save(self, directory: str) -> None:
+        state = self.state()
+        buffer = io.BytesIO()
+        np.savez(buffer, block=state.block, skip=state.skip, skipped=np.asarray(state.skipped, np.int32),
+                 last_position=state.last_position, has_source_state=state.source_state is not None,
+                 source_state=np.frombuffer(state.source_state or b"", np.uint8))
         tf.io.gfile.makedirs(directory)
-        self._checkpoint.write(os.path.join(directory, "iterator"))
+        with tf.io.gfile.GFile(os.path.join(directory, STATE_FILE), "wb") as f:
+            f.write(buffer.getvalue())
 
     def restore(self, directory: str) -> None:
-        self._checkpoint.read(os.path.join(directory, "iterator")).assert_consumed()
+        path = os.path.join(directory, STATE_FILE)
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"No input iterator state {path}; the checkpoint was written by an older "
+                                    "version of clippy_jax. Restore its parameters with config.init_from instead.")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            saved = np.load(io.BytesIO(f.read()))
+        self._begin(Start(int(saved["block"]), int(saved["skip"]),
+                          saved["source_state"].tobytes() if saved["has_source_state"] else None,
+                          tuple(int(n) for n in saved["skipped"]), int(saved["last_position"])))
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for iterator in list(_OPEN):
+        iterator.close()

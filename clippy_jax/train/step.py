@@ -19,17 +19,18 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: optax.OptState
     rng: jax.Array
 
-def create_train_state(
+def abstract_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
     example_batch: Mapping[str, jax.ShapeDtypeStruct],
     mesh: Mesh,
     seed: int,
     grid_shape: Sequence[int] | None = None,
-) -> tuple[TrainState, TrainState]:
-    """Initialises the train state directly into its shardings.
+) -> tuple[TrainState, TrainState, Callable[[jax.Array], TrainState]]:
+    """The train state's shapes with their shardings (nothing is allocated).
 
-    Returns (state, state_shardings); parameters and optimiser state follow the logical axis rules.
+    Returns (abstract state of `jax.ShapeDtypeStruct`s, state shardings, init function of the rng);
+    parameters and optimiser state follow the logical axis rules.
     """
 
     def init_params(rng: jax.Array):
@@ -57,7 +58,25 @@ def create_train_state(
         params = nn.unbox(init_params(params_rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
-    state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  jax.eval_shape(init_state, rng), state_shardings)
+    return abstract_state, state_shardings, init_state
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_batch: Mapping[str, jax.ShapeDtypeStruct],
+    mesh: Mesh,
+    seed: int,
+    grid_shape: Sequence[int] | None = None,
+) -> tuple[TrainState, TrainState]:
+    """Initialises the train state directly into its shardings.
+
+    Returns (state, state_shardings); parameters and optimiser state follow the logical axis rules.
+    """
+    _, state_shardings, init_state = abstract_train_state(model, tx, example_batch, mesh, seed, grid_shape)
+    state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(seed))
     return state, state_shardings
 
 def make_train_step(
