@@ -21,9 +21,11 @@ from flax import serialization, traverse_util
 from clippy_jax.convert.common import (
     CheckpointMismatchError,
     Converted,
+    ConvertError,
     Rule,
     expected_shapes,
     map_state,
+    read_json,
     read_state_dict,
     same,
     transpose,
@@ -157,8 +159,14 @@ def _sentence_transformers_modules(folder: str) -> tuple[str | None, str | None]
 def import_hf_t5(folder: str) -> Converted:
     """A transformers T5 / T5.1.1 folder (config.json + weights), or a sentence-T5 folder whose
     mean pooling and bias-free Dense layer (`2_Dense/`) become `text_pool` and `text_projection`."""
-    with open(os.path.join(folder, "config.json")) as f:
-        kwargs = kwargs_from_hf_config(json.load(f))
+    if not os.path.isdir(folder):
+        raise ConvertError(f"{folder} is not a folder; --from=hf_t5 reads a transformers model folder "
+                           "(config.json and the weights).")
+    config_path = os.path.join(folder, "config.json")
+    try:
+        kwargs = kwargs_from_hf_config(read_json(config_path))
+    except KeyError as error:
+        raise ConvertError(f"{config_path} has no {error}; expected a transformers T5Config.") from None
     converted = convert_hf_t5(_read_weights(folder), kwargs)
     pooling, dense = _sentence_transformers_modules(folder)
     if pooling is not None:
@@ -170,8 +178,7 @@ def import_hf_t5(folder: str) -> Converted:
 
 def _sentence_t5_pooling(folder: str) -> str:
     """The `text_pool` of a sentence-transformers Pooling module."""
-    with open(os.path.join(folder, "config.json")) as f:
-        modes = json.load(f)
+    modes = read_json(os.path.join(folder, "config.json"))
     pools = [pool for key, pool in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_max_tokens", "max"),
                                     ("pooling_mode_cls_token", "first")) if modes.get(key)]
     if len(pools) != 1:
@@ -181,8 +188,7 @@ def _sentence_t5_pooling(folder: str) -> str:
 
 def _sentence_t5_dense(folder: str, width: int) -> Converted:
     """A sentence-transformers Dense module (bias-free, linear) -> `text_projection`."""
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
+    config = read_json(os.path.join(folder, "config.json"))
     activation = config.get("activation_function", "torch.nn.modules.linear.Identity")
     if not activation.endswith("Identity"):
         raise CheckpointMismatchError(f"{folder} applies {activation}; only a linear (Identity) Dense is supported.")
