@@ -214,13 +214,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     root = ml_collections.ConfigDict(config.to_dict())  # with data defaults and model presets expanded
     root.data = pipeline.with_defaults(config.data)
     root.model.image, root.model.text = tower_kwargs(config.model.image, config.model.text)
-    _integer(root, "seed", 0)
-    _check_data(root)
-    _check_model(root)
-    _check_optim(root)
-    _check_train(root, num_devices, process_count)
-    _check_eval(root)
-    _check_init(root.init)
+    try:
+        _integer(root, "seed", 0)
+        _check_data(root)
+        _check_model(root)
+        _check_optim(root)
+        _check_train(root, num_devices, process_count)
+        _check_eval(root)
+        _check_init(root.init)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the registries' and the mesh's own checks name their setting
+        raise ConfigError(str(error)) from None
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer_size: int) -> None:

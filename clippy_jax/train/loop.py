@@ -43,10 +43,14 @@ class PreemptionWatcher:
     """
 
     def __init__(self):
-        self.requested, self.in_loop = False, False
+        self.requested, self.in_loop, self._previous = False, False, {}
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._on_signal)
-            signal.signal(signal.SIGINT, self._on_signal)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """Puts back the signal handlers of before."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _on_signal(self, signum, frame):
         del frame
@@ -102,6 +106,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises `TrainingStopped` after a termination signal (the last checkpoint is complete).
     """
     preemption = PreemptionWatcher()
+    try:
+        return _train_and_evaluate(config, workdir, preemption)
+    finally:
+        preemption.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preemption: PreemptionWatcher) -> dict:
     config_checks.validate(config, jax.device_count(), jax.process_count())
     total_steps = config.train.steps
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
