@@ -18,7 +18,7 @@ from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from tests.helpers import run_main
 from tests.test_pipeline import data_config, decode_captions
 
-CAPTIONS = [f"a \"quoted\" photo\\ number {i}/{i}" for i in range(12)]
+CAPTIONS = [f"a \"quoted\" photo\\ number {i}/{i} é 日本" for i in range(12)]
 
 
 def _encoded(index: int, image_format: str) -> bytes:
@@ -46,7 +46,7 @@ def tokenizer_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_path) -> Tokenizer:
-    return Tokenizer(tokenizer_path, max_length=24)
+    return Tokenizer(tokenizer_path, max_length=64)
 
 
 def _first_batch(config, tokenizer, **iterator_options) -> dict:
@@ -117,10 +117,12 @@ def test_a_json_field_can_be_the_caption(tmp_path, tokenizer):
     config = data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar"), text_key="json:caption",
                          shuffle_buffer=1, interleave=1)
     captions = decode_captions(tokenizer, _first_batch(config, tokenizer)["tokens"])
-    # The reference: json.loads of the members (with quotes, a backslash and a slash in the captions).
+    # The reference: json.loads of the members (quotes, a backslash, a slash and \\uXXXX escapes in the captions).
     with tarfile.open(tmp_path / "00000.tar") as archive:
         expected = [json.loads(archive.extractfile(f"{i:04d}.json").read())["caption"] for i in range(4)]
-    assert captions == [tokenizer.processor.decode(tokenizer.processor.encode(e)) for e in expected]
+    processor = tokenizer.processor
+    assert captions == [processor.decode([t for t in processor.encode(e) if t > 1]) for e in expected]
+    assert all("é" in c for c in captions)
     with pytest.raises(sources.DataError, match="have no field 'title'"):
         pipeline.train_dataset(data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar"),
                                            text_key="json:title"), tokenizer, 2, seed=0)

@@ -72,12 +72,31 @@ def parse_text_keys(spec: str) -> tuple[tuple[str, str], ...]:
     return tuple(keys)
 
 
+def _unicode_escapes(value: tf.Tensor) -> tf.Tensor:
+    """JSON `\\uXXXX` escapes -> UTF-8 characters, in a string tensor of any shape (the two halves of
+    a surrogate pair each become U+FFFD)."""
+    parts = tf.strings.split(tf.reshape(value, [-1]), "\\u")  # [n, pieces]: all but the first follow an escape
+
+    def decode(pieces: tf.Tensor) -> tf.Tensor:
+        hex_digits = tf.strings.unicode_decode(tf.strings.substr(pieces, 0, 4), "UTF-8").to_tensor(0, shape=[None, 4])
+        digits = tf.where(hex_digits < 58, hex_digits - 48, tf.bitwise.bitwise_or(hex_digits, 32) - 87)
+        char = tf.strings.unicode_encode(tf.reduce_sum(digits * [4096, 256, 16, 1], axis=1)[:, None], "UTF-8",
+                                         errors="replace")
+        valid = tf.strings.regex_full_match(pieces, "(?s)[0-9a-fA-F]{4}.*")
+        return tf.where(valid, char + tf.strings.regex_replace(pieces, "^[0-9a-fA-F]{4}", ""), "\\u" + pieces)
+
+    is_first = tf.ragged.range(parts.row_lengths()) == 0
+    joined = tf.strings.reduce_join(tf.ragged.map_flat_values(tf.where, is_first, parts,
+                                                              tf.ragged.map_flat_values(decode, parts)), axis=-1)
+    return tf.reshape(joined, tf.shape(value))
+
+
 def json_string_field(text: tf.Tensor, field: str) -> tf.Tensor:
-    """The string value of the first `"field": "..."` in JSON text ('' if absent), with the escapes
-    of quote, backslash, slash, newline, tab and return undone (\\uXXXX stays as written)."""
+    """The string value of the first `"field": "..."` in JSON text ('' if absent), unescaped."""
     pattern = r'(?s)^.*?"' + re.escape(field) + r'"\s*:\s*"((?:[^"\\]|\\.)*)".*$'
     value = tf.where(tf.strings.regex_full_match(text, pattern), tf.strings.regex_replace(text, pattern, r"\1"), "")
     value = tf.strings.regex_replace(value, r"\\\\", "\x00")  # escaped backslashes, restored last
+    value = _unicode_escapes(value)
     for escaped, plain in ((r'\\"', '"'), (r"\\/", "/"), (r"\\n", "\n"), (r"\\t", "\t"), (r"\\r", "\r")):
         value = tf.strings.regex_replace(value, escaped, plain)
     return tf.strings.regex_replace(value, r"\x00", r"\\")
