@@ -1,45 +1,289 @@
-"""Validation of a config before anything is compiled, with messages that name the setting."""
+"""Validation of a training config before any work (data, initialisation, compilation).
+
+Every check raises `ConfigError` with one message naming the setting, its value and the fix.
+"""
+
+import math
+import numbers
 
 import ml_collections
+import tensorflow as tf
+from absl import logging
 
+from clippy_jax.data import eval_datasets, pipeline, sources
+from clippy_jax.evaluate import runner
+from clippy_jax.models import DTYPES, tower_kwargs
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
 from clippy_jax.train.sharding import mesh_shape
 
+# Evaluators that read the held-out split of `data.eval_pattern` (written by the demo for source=synthetic).
+EVAL_PATTERN_EVALUATORS = ("synthetic_segmentation",)
+
+
+class ConfigError(ValueError):
+    """A setting that would fail, or silently misbehave, later."""
+
+
+def _fail(setting: str, value, problem: str, fix: str):
+    raise ConfigError(f"config.{setting}={value!r} {problem}; {fix}.")
+
+
+def _integer(root: ml_collections.ConfigDict, setting: str, minimum: int, fix: str = "") -> int:
+    value = _get(root, setting)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(setting, value, "is not a whole number", fix or f"pass an integer >= {minimum}")
+    if value < minimum:
+        _fail(setting, value, f"must be >= {minimum}", fix or f"pass an integer >= {minimum}")
+    return int(value)
+
+
+def _real(root: ml_collections.ConfigDict, setting: str, low: float, high: float = math.inf,
+          low_open: bool = False, high_open: bool = True) -> float:
+    value = _get(root, setting)
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        _fail(setting, value, "is not a finite number", f"pass a number in {interval}")
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        _fail(setting, value, f"is outside {interval}", f"pass a number in {interval}")
+    return float(value)
+
+
+def _get(config: ml_collections.ConfigDict, setting: str):
+    value = config
+    for part in setting.split("."):
+        value = value[part]
+    return value
+
+
+def _check_data(root: ml_collections.ConfigDict) -> None:
+    data = root.data
+    known = (*sources.FILE_SOURCES, "tfds")
+    if data.source not in known:
+        _fail("data.source", data.source, "is not a known source", f"choose one of {known}")
+    if data.source == "tfds" and not data.tfds_name:
+        _fail("data.tfds_name", data.tfds_name, "is empty but data.source='tfds'", "name a TFDS dataset")
+    if data.source not in ("synthetic", "tfds") and not data.train_pattern:
+        _fail("data.train_pattern", data.train_pattern, f"is empty but data.source={data.source!r}",
+              "pass the shards' glob pattern, e.g. --config.data.train_pattern='/data/cc12m/*.tar'")
+    if data.source != "synthetic" and not data.tokenizer_path:
+        _fail("data.tokenizer_path", data.tokenizer_path, f"is empty but data.source={data.source!r}",
+              "pass a SentencePiece model (e.g. T5's spiece.model)")
+    for setting in ("image_key", "text_key"):
+        if not sources.split_keys(data[setting] or ""):
+            _fail(f"data.{setting}", data[setting], "names no key", "pass comma-separated keys, e.g. 'jpg,png'")
+    sources.parse_text_keys(data.text_key)
+    if data.crop not in pipeline.CROPS:
+        _fail("data.crop", data.crop, "is not a crop", f"choose one of {pipeline.CROPS}")
+    size = _integer(root, "data.image_size", 1)
+    patch = _integer(root, "data.patch_size", 1)
+    stride = root.model.image.get("patch_stride") or patch  # 0 / None: patches side by side
+    if not 1 <= stride <= patch:
+        _fail("model.image.patch_stride", stride, f"must be in [1, {patch}] (the patch size)",
+              "pass a smaller stride for overlapping patches, or 0 for patches side by side")
+    if stride == patch and size % patch:
+        _fail("data.image_size", size, f"is not a multiple of config.data.patch_size={patch}",
+              f"use a multiple of {patch}")
+    if size < patch or (size - patch) % stride:
+        _fail("data.image_size", size, f"is not covered by {patch}-pixel patches {stride} pixels apart "
+              "(config.model.image.patch_size / patch_stride)", f"use {patch} + a multiple of {stride}")
+    total = ((size - patch) // stride + 1) ** 2
+    if data.keep_patches:
+        _integer(root, "data.keep_patches", 0)
+        if data.keep_patches > total:
+            _fail("data.keep_patches", data.keep_patches, f"exceeds the {total} patches of an image",
+                  f"pass 0 (use data.keep_ratio) or at most {total}")
+    _real(root, "data.keep_ratio", 0.0, 1.0, low_open=True, high_open=False)
+    for setting in ("mean", "std"):
+        values = tuple(data[setting])
+        if len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
+            _fail(f"data.{setting}", values, "is not 3 finite numbers", "pass one value per RGB channel")
+    if min(data.std) <= 0:
+        _fail("data.std", tuple(data.std), "has a value <= 0", "pass positive standard deviations")
+    _integer(root, "data.max_text_length", 2, "pass at least 2 (one token and the end-of-sequence token)")
+    _integer(root, "data.shuffle_buffer", 1, "pass 1 (no shuffling) or more")
+    _integer(root, "data.interleave", 1, "pass the number of shards read at once, >= 1")
+    if data.prefetch != tf.data.AUTOTUNE:
+        _integer(root, "data.prefetch", 0, "pass 0 or more batches (or -1: autotune)")
+    if data.get("max_input_wait_seconds") is not None:
+        _real(root, "data.max_input_wait_seconds", 0.0, low_open=True)
+        _integer(root, "data.max_consecutive_skips", 1)
+    if data.source == "synthetic" and "synthetic" in data:
+        for setting in ("image_size", "train_examples", "eval_examples", "train_shards", "vocab_size"):
+            _integer(root, f"data.synthetic.{setting}", 1)
+        _integer(root, "data.synthetic.workers", 0)
+
+
+def _check_model(root: ml_collections.ConfigDict) -> None:
+    model = root.model
+    for setting in ("dtype", "param_dtype"):
+        if model[setting] not in DTYPES:
+            _fail(f"model.{setting}", model[setting], "is not a supported dtype", f"choose one of {sorted(DTYPES)}")
+    lookup(IMAGE_POOLS, model.image_pool, "model.image_pool")
+    lookup(TEXT_POOLS, model.text_pool, "model.text_pool")
+    image = model.image
+    for setting in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):
+        _integer(root, f"model.image.{setting}", 1)
+    if image.width % image.num_heads:
+        _fail("model.image.num_heads", image.num_heads, f"does not divide config.model.image.width={image.width}",
+              "choose a number of heads that divides the width")
+    for setting in ("embed_dim", "depth", "num_heads", "head_dim", "mlp_dim"):
+        _integer(root, f"model.text.{setting}", 1)
+    _integer(root, "model.text.vocab_size", 0, "pass 0 (the tokenizer's size) or the embedding table's size")
+    _integer(root, "model.embed_dim", 1)
+    _real(root, "model.temperature_init", 0.0, low_open=True)
+    if root.data.patch_size != image.patch_size:
+        _fail("data.patch_size", root.data.patch_size,
+              f"differs from config.model.image.patch_size={image.patch_size}",
+              "set both to the same value (the pipeline cuts the patches the ViT embeds)")
+    grid = image.get("posemb_grid")
+    if grid is not None and (len(grid) != 2 or min(grid) < 1):
+        _fail("model.image.posemb_grid", tuple(grid), "is not two positive sizes", "pass (rows, columns)")
+
+
+def _check_optim(root: ml_collections.ConfigDict) -> None:
+    _real(root, "optim.learning_rate", 0.0, low_open=True)
+    _integer(root, "optim.warmup_steps", 0)
+    _real(root, "optim.weight_decay", 0.0)
+    _real(root, "optim.grad_clip_norm", 0.0, low_open=True)
+    _real(root, "optim.b1", 0.0, 1.0)
+    _real(root, "optim.b2", 0.0, 1.0)
+    _real(root, "optim.eps", 0.0, low_open=True)
+    _integer(root, "optim.grad_accum_steps", 1, "pass 1 (no accumulation) or more")
+
+
+def _check_train(root: ml_collections.ConfigDict, num_devices: int, process_count: int) -> None:
+    config, train = root, root.train
+    _integer(root, "train.steps", 1)
+    batch = _integer(root, "train.batch_size", 1)
+    for setting in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        _integer(root, f"train.{setting}", 1)
+    _real(root, "train.max_logit_scale", 0.0, low_open=True)
+    _integer(root, "train.loss_block_size", 0)
+    _integer(root, "train.profile_steps", 0)
+    _integer(root, "train.profile_first_step", 0)
+    if train.on_nonfinite not in ("stop", "skip"):
+        _fail("train.on_nonfinite", train.on_nonfinite, "is not a policy", "choose 'stop' or 'skip'")
+    data, fsdp, _ = mesh_shape(config.mesh, num_devices)
+    if batch % (data * fsdp):
+        _fail("train.batch_size", batch, f"is not divisible by the {data * fsdp} data-parallel devices "
+              f"(mesh data={data} x fsdp={fsdp} of {num_devices} devices)", f"use a multiple of {data * fsdp}")
+    if train.loss_block_size and IMAGE_POOLS[config.model.image_pool].text_conditioned:
+        _fail("train.loss_block_size", train.loss_block_size,
+              f"needs the full similarity matrix, which config.model.image_pool={config.model.image_pool!r} "
+              "pools per text", "set config.train.loss_block_size=0")
+    if train.loss_block_size and batch % train.loss_block_size:
+        _fail("train.loss_block_size", train.loss_block_size, f"does not divide config.train.batch_size={batch}",
+              "choose a divisor of the batch size")
+    if batch % process_count:
+        _fail("train.batch_size", batch, f"is not divisible by the {process_count} processes",
+              f"use a multiple of {process_count}")
+
+
+def _check_eval(root: ml_collections.ConfigDict) -> None:
+    config = root
+    _integer(root, "eval.every_steps", 0, "pass 0 (only after training) or an interval >= 1")
+    _integer(root, "eval.batch_size", 1)
+    _integer(root, "eval.num_overlays", 0)
+    try:
+        tasks = runner.resolve_tasks(config)
+    except ValueError as error:
+        raise ConfigError(f"config.eval.evaluators={tuple(config.eval.evaluators)!r}: {error}") from None
+    for name, task in tasks:
+        if task.kind in EVAL_PATTERN_EVALUATORS:
+            if config.data.source != "synthetic" and not config.data.eval_pattern:
+                _fail("data.eval_pattern", config.data.eval_pattern,
+                      f"is empty but config.eval.evaluators names {name!r}, which reads it",
+                      "pass the held-out shards' pattern or leave the evaluator out "
+                      "(--config.eval.evaluators='()')")
+            if config.data.eval_pattern and not tf.io.gfile.glob(config.data.eval_pattern):
+                _fail("data.eval_pattern", config.data.eval_pattern, f"matches no files (read by {name!r})",
+                      "fix the pattern or leave the evaluator out")
+        elif "dataset" in task and task.dataset not in eval_datasets.BUILDERS:
+            _fail(f"eval.tasks.{name}.dataset", task.dataset, "is not an evaluation dataset",
+                  f"choose one of {sorted(eval_datasets.BUILDERS)}")
+
+
+def _check_init(init: ml_collections.ConfigDict) -> None:
+    for tower in ("image", "text"):
+        source = init[tower]
+        if source is None:
+            raise ConfigError(f"config.init.{tower} is required: a directory written by `python -m clippy_jax.convert` "
+                              f"or 'random'; pass --config.init.{tower}=...")
+        if source != "random" and not tf.io.gfile.isdir(source):
+            _fail(f"init.{tower}", source, "is not a directory",
+                  "pass a directory written by `python -m clippy_jax.convert`, or 'random'")
+
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
-    """Raises ValueError for settings that would fail (or silently misbehave) later."""
-    lookup(IMAGE_POOLS, config.model.image_pool, "model.image_pool")
-    lookup(TEXT_POOLS, config.model.text_pool, "model.text_pool")
-    for tower in ("image", "text"):
-        if config.init[tower] is None:
-            raise ValueError(f"config.init.{tower} is required: a directory written by `python -m clippy_jax.convert` "
-                             f"or 'random'; pass --config.init.{tower}=...")
-    data, fsdp, _ = mesh_shape(config.mesh, num_devices)
-    batch = config.train.batch_size
-    if batch % (data * fsdp):
-        raise ValueError(
-            f"config.train.batch_size={batch} is not divisible by the {data * fsdp} data-parallel devices "
-            f"(mesh data={data} x fsdp={fsdp} of {num_devices} devices); use a multiple of {data * fsdp}."
-        )
-    if config.train.loss_block_size and IMAGE_POOLS[config.model.image_pool].text_conditioned:
-        raise ValueError(f"config.model.image_pool={config.model.image_pool!r} pools per text and needs the full "
-                         "similarity matrix; set config.train.loss_block_size=0.")
-    if config.train.loss_block_size and batch % config.train.loss_block_size:
-        raise ValueError(f"config.train.loss_block_size={config.train.loss_block_size} must divide "
-                         f"config.train.batch_size={batch}.")
-    if batch % process_count:
-        raise ValueError(f"config.train.batch_size={batch} is not divisible by the {process_count} processes.")
-    if config.train.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}; choose 'stop' or 'skip'.")
-    patch, stride = config.model.image.patch_size, config.model.image.get("patch_stride") or 0
-    if config.data.patch_size != patch:
-        raise ValueError(f"config.data.patch_size={config.data.patch_size} differs from config.model.image.patch_size="
-                         f"{patch}; set both to the same value.")
-    if not 0 <= stride <= patch:
-        raise ValueError(f"config.model.image.patch_stride={stride} must be in [1, {patch}] (the patch size).")
-    if (config.data.image_size - patch) % (stride or patch):
-        raise ValueError(
-            f"config.data.image_size={config.data.image_size} is not covered by {patch}-pixel patches "
-            f"{stride or patch} pixels apart (config.model.image.patch_size / patch_stride); use an image size "
-            f"of {patch} + a multiple of {stride or patch}."
-        )
+    """Raises ConfigError for settings that would fail (or silently misbehave) later."""
+    root = ml_collections.ConfigDict(config.to_dict())  # with data defaults and model presets expanded
+    root.data = pipeline.with_defaults(config.data)
+    root.model.image, root.model.text = tower_kwargs(config.model.image, config.model.text)
+    try:
+        _integer(root, "seed", 0)
+        _check_data(root)
+        _check_model(root)
+        _check_optim(root)
+        _check_train(root, num_devices, process_count)
+        _check_eval(root)
+        _check_init(root.init)
+    except ConfigError:
+        raise
+    except ValueError as error:  # the registries' and the mesh's own checks name their setting
+        raise ConfigError(str(error)) from None
+
+
+def check_vocab(config: ml_collections.ConfigDict, tokenizer_size: int) -> None:
+    """`model.text.vocab_size` (0: the tokenizer's) must hold every token id of the tokenizer."""
+    vocab = config.model.text.get("vocab_size") or 0
+    if vocab and vocab < tokenizer_size:
+        _fail("model.text.vocab_size", vocab, f"is smaller than the tokenizer's {tokenizer_size} tokens "
+              f"({config.data.tokenizer_path or 'the demo tokenizer'})",
+              f"pass 0 (the tokenizer's size) or at least {tokenizer_size}")
+
+
+# Settings a resumed run must share with the run that wrote the workdir's checkpoints: they shape the
+# parameters and optimiser state, or the input iterator state.
+RESUME_FIXED = ("seed", "model.", "optim.grad_accum_steps", "train.batch_size", "data.source", "data.image_size",
+                "data.patch_size", "data.keep_ratio", "data.keep_patches", "data.max_text_length",
+                "data.shuffle_buffer", "data.interleave", "data.prefetch")
+# Settings whose change is reported but allowed (e.g. a lower learning rate after a divergence).
+RESUME_REPORTED = ("optim.", "data.")
+
+
+def check_resume(settings: dict, saved: dict | None, workdir: str, workdir_step: int, steps: int) -> None:
+    """Compares the flattened config with the one the workdir's checkpoints were written with.
+
+    Raises ConfigError naming every differing setting of `RESUME_FIXED` with both values, or a
+    `train.steps` below the workdir's step; logs the other differences of `RESUME_REPORTED`.
+    """
+    if steps < workdir_step:
+        _fail("train.steps", steps, f"is below the step {workdir_step} that {workdir} has reached",
+              f"pass --config.train.steps >= {workdir_step} to continue it, or a new --workdir")
+    if saved is None:
+        return
+    changed = sorted(k for k in set(settings) | set(saved) if settings.get(k) != saved.get(k))
+
+    def describe(keys: list[str]) -> str:
+        return ", ".join(f"config.{k}={saved.get(k, '<unset>')!r} -> {settings.get(k, '<unset>')!r}" for k in keys)
+
+    fixed = [k for k in changed if k.startswith(RESUME_FIXED)]
+    if fixed:
+        raise ConfigError(f"The settings differ from those of the checkpoints in {workdir} (written -> now): "
+                          f"{describe(fixed)}; pass the written values to resume, or a new --workdir.")
+    reported = [k for k in changed if k.startswith(RESUME_REPORTED)]
+    if reported:
+        logging.warning("Resuming %s with changed settings (written -> now): %s.", workdir, describe(reported))
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    """{'train.steps': 6, ...}: the scalar settings, others (tuples, None) as strings."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out

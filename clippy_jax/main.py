@@ -3,9 +3,14 @@
 Config overrides use ml_collections flags, e.g. `--config.train.steps=200`, and config string
 arguments, e.g. `--config=configs/demo.py:pool=avg`. Installed, the same command is `clippy-train`.
 A finished run, run again, reports where its results are and exits; `--reevaluate` evaluates it again.
+
+Exit codes: 0 trained and evaluated; 1 failed (e.g. a non-finite loss); 2 bad settings, data or
+workdir (one line naming the setting); 75 stopped by a termination signal, rerun to resume (a
+relaunch loop restarts on 75 only). Failures print one line; `--traceback` adds the traceback.
 """
 
 import os
+import re
 import sys
 
 import jax
@@ -13,13 +18,23 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clippy_jax import distributed, logs
-from clippy_jax.train.loop import train_and_evaluate
+from clippy_jax import config_checks, distributed, logs
+from clippy_jax.data.pipeline import InputStalledError
+from clippy_jax.data.sources import DataError
+from clippy_jax.train import perf
+from clippy_jax.train.loop import TrainingStopped, train_and_evaluate
+
+# ml_collections' hint for a misspelt config key.
+_DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"')
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 75
+# Errors in what the user gave (settings, data, workdir): exit EXIT_BAD_INPUT.
+BAD_INPUT_ERRORS = (config_checks.ConfigError, DataError, InputStalledError, FileNotFoundError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training configuration file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Directory for checkpoints, logs and results.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise it just exits).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
 
 
 def _suggest_huge_pages() -> None:
@@ -33,6 +48,7 @@ def _suggest_huge_pages() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    perf.add_cpu_xla_flags()  # before JAX starts its backends
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; leave accelerators to JAX.
     logs.quiet_libraries()
     distributed.initialize()
@@ -42,13 +58,50 @@ def main(argv: list[str]) -> None:
     workdir = _WORKDIR.value
     if not workdir.startswith("gs://"):
         workdir = os.path.abspath(workdir)
-    train_and_evaluate(_CONFIG.value, workdir, reevaluate=_REEVALUATE.value)
+    try:
+        train_and_evaluate(_CONFIG.value, workdir, reevaluate=_REEVALUATE.value)
+    except TrainingStopped as stop:
+        _exit(EXIT_STOPPED, str(stop))
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 (one line, then exit)
+        if _TRACEBACK.value:
+            logging.exception("Traceback of the failure:")
+        _exit(EXIT_BAD_INPUT if isinstance(error, BAD_INPUT_ERRORS) else EXIT_FAILED,
+              f"{type(error).__name__}: {error}".strip() + ("" if _TRACEBACK.value else " (--traceback for details)"))
+
+
+def _exit(code: int, message: str) -> None:
+    """Logs `message` and exits at once: the in-flight checkpoint is already complete (`train_and_evaluate`),
+    and interpreter shutdown would add tracebacks from background threads (orbax, tf.data)."""
+    (logging.warning if code == EXIT_STOPPED else logging.error)("%s", message)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line error (exit 2) for a bad flag or config override."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 (config files and overrides raise any error)
+        chain = [error]
+        while chain[-1].__cause__ or chain[-1].__context__:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        messages = [str(e.args[0] if isinstance(e, KeyError | AttributeError) and e.args else e) for e in chain]
+        suggestion = next((m for m in map(_DID_YOU_MEAN.search, messages) if m), None)
+        if suggestion:
+            flag = next((arg.split("=")[0] for arg in argv if f".{suggestion.group(2)}" in arg), "a config override")
+            message = f"{flag} names an unknown key {suggestion.group(2)!r}; did you mean {suggestion.group(1)!r}?"
+        else:
+            message = (messages[-1] if "Traceback" in messages[0] else messages[0]).replace("\n", " ")
+        print(f"{argv[0]}: error in the flags: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def run() -> None:
     """The `clippy-train` console command."""
     jax.config.config_with_absl()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         train_pattern=placeholder(str),  # required
         eval_pattern="",
         tokenizer_path=placeholder(str),  # required: T5's SentencePiece model (spiece.model)
-        image_key="jpg",
+        image_key="jpg,jpeg,png,webp",
         text_key="txt",
         image_size=448,  # up to 2x the 224 resolution during training (appendix D.4)
         patch_size=16,
@@ -39,6 +39,8 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         shuffle_buffer=20_000,
         interleave=16,
         prefetch=4,
+        max_input_wait_seconds=900.0,  # input watchdog: stop when no batch arrives for this long
+        max_consecutive_skips=10_000,  # ... or when this many records in a row are unusable
     )
     config.model = dict(
         # patch_stride < 16: overlapping patches (appendix E, "Patch Sub-Sampling"; the stride is not

@@ -65,7 +65,7 @@ def test_timm_vit_round_trip_and_merge(vit_state, tmp_path, suffix):
         save_file(vit_state, path)
     else:
         torch.save({"model": {k: torch.from_numpy(v) for k, v in vit_state.items()}}, path)
-    params, config = _convert(tmp_path, "timm_vit", path)
+    params, config = _convert(tmp_path, "timm_vit", path, "--image-depth=2")
     _assert_same(params, unflatten(convert_vit(vit_state).params))
     assert config["image"]["width"] == 192 and config["image"]["depth"] == 2
     assert list(params) == ["image_tower"]  # the classifier head is dropped
@@ -89,13 +89,13 @@ def test_importer_names_missing_unexpected_and_misshaped_keys(vit_state, tmp_pat
     path = str(tmp_path / "broken.safetensors")
     save_file(broken, path)
     with pytest.raises(CheckpointMismatchError) as error:
-        main(["--from=timm_vit", f"--input={path}", f"--output={tmp_path / 'out'}"])
+        main(["--from=timm_vit", f"--input={path}", f"--output={tmp_path / 'out'}", "--image-depth=2"])
     message = str(error.value)
     for name in ("image_tower/encoderblock_0/attention/query/kernel", "blocks.1.mlp.fc1.bias",
                  "blocks.0.attn.extra_scale", "--allow-partial"):
         assert name in message
     assert not os.path.exists(tmp_path / "out")
-    params, _ = _convert(tmp_path, "timm_vit", path, "--allow-partial")
+    params, _ = _convert(tmp_path, "timm_vit", path, "--allow-partial", "--image-depth=2")
     flat = _flat(params)
     assert "image_tower/encoderblock_0/attention/query/kernel" not in flat
     assert "image_tower/encoderblock_0/attention/query/bias" in flat
@@ -237,9 +237,9 @@ def test_open_clip_clippy_without_logit_scale_is_refused(tmp_path, vit_state):
     path = str(tmp_path / "clippy.safetensors")
     save_file(state, path)
     with pytest.raises(CheckpointMismatchError, match="missing .*: logit_scale"):
-        main(["--from=open_clip_clippy", f"--input={path}", f"--output={tmp_path / 'out'}"])
+        main(["--from=open_clip_clippy", f"--input={path}", f"--output={tmp_path / 'out'}", "--image-depth=2"])
     save_file({**state, "logit_scale": np.array(np.log(1 / 0.07), np.float32)}, path)
-    params, config = _convert(tmp_path, "open_clip_clippy", path, "--image-pool=max")
+    params, config = _convert(tmp_path, "open_clip_clippy", path, "--image-pool=max", "--image-depth=2")
     assert config["image_pool"] == "max" and not config["project_image"] and config["project_text"]
     assert sorted(params) == ["image_tower", "logit_scale", "text_projection", "text_tower"]
 
@@ -257,7 +257,7 @@ class NoTorch:
 
 sys.meta_path.insert(0, NoTorch())
 from clippy_jax.convert.__main__ import main
-main(["--from=timm_vit", "--input={tmp_path / 'vit.safetensors'}", "--output={tmp_path / 'out'}"])
+main(["--from=timm_vit", "--input={tmp_path / 'vit.safetensors'}", "--output={tmp_path / 'out'}", "--image-depth=2"])
 try:
     main(["--from=dino", "--input={tmp_path / 'vit.pth'}", "--output={tmp_path / 'out2'}"])
 except ImportError as e:

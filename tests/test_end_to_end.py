@@ -16,7 +16,7 @@ from tests.helpers import REPO, main_command, read_scalars, run_main
 
 def test_tiny_run_leaves_checkpoint_events_and_results(tiny_run):
     workdir, result = tiny_run
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8", "data"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8", "config.json", "data"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)

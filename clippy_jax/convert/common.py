@@ -92,15 +92,26 @@ class KeyReport:
         logging.warning("Partial load of %s:\n%s", what, self.describe())
 
 
+class ConvertError(ValueError):
+    """A file or folder that cannot be converted; the message names the path and what was expected."""
+
+
 def read_state_dict(path: str) -> dict:
     """Reads `.safetensors` (numpy only, no torch) or a PyTorch pickle (`.pt/.pth/.bin/.ckpt`, torch
     imported lazily). Returns the raw (possibly nested) mapping with numpy leaves."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path} is not a file; expected a weights file (.safetensors or "
+                           f"{', '.join(TORCH_SUFFIXES)}).")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file  # noqa: PLC0415 (optional dependency)
 
-        return dict(load_file(path))
+        try:
+            contents = dict(load_file(path))
+        except Exception as error:  # noqa: BLE001 (safetensors raises its own error types)
+            raise ConvertError(f"{path} cannot be read as safetensors: {error}") from error
+        return _non_empty(contents, path)
     if not path.endswith(TORCH_SUFFIXES):
-        raise ValueError(f"Unknown weights format {path!r}; expected .safetensors or one of {TORCH_SUFFIXES}.")
+        raise ConvertError(f"Unknown weights format {path!r}; expected .safetensors or one of {TORCH_SUFFIXES}.")
     try:
         import torch  # noqa: PLC0415 (only PyTorch pickles need it)
     except ImportError as e:
@@ -108,7 +119,13 @@ def read_state_dict(path: str) -> dict:
             f"Reading the PyTorch pickle {path} needs torch (`pip install torch`, CPU build is enough), "
             "or convert it to .safetensors first."
         ) from e
-    contents = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        contents = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 (pickle, zip and torch errors)
+        raise ConvertError(f"{path} cannot be read as a PyTorch pickle: {type(error).__name__}: {error}") from error
+    if not isinstance(contents, Mapping):
+        raise ConvertError(f"{path} holds a {type(contents).__name__}, not a state dict (a mapping of names to "
+                           "tensors).")
 
     def to_numpy(x):
         if isinstance(x, torch.Tensor):
@@ -117,7 +134,27 @@ def read_state_dict(path: str) -> dict:
             return {k: to_numpy(v) for k, v in x.items()}
         return x
 
-    return to_numpy(contents)
+    return _non_empty(to_numpy(contents), path)
+
+
+def _non_empty(contents: dict, path: str) -> dict:
+    if not contents:
+        raise ConvertError(f"{path} holds no tensors.")
+    return contents
+
+
+def read_json(path: str) -> dict:
+    """A JSON object file, with errors that name it."""
+    if not os.path.isfile(path):
+        raise ConvertError(f"{path} is missing; expected a JSON file there.")
+    try:
+        with open(path) as f:
+            contents = json.load(f)
+    except ValueError as error:
+        raise ConvertError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(contents, dict):
+        raise ConvertError(f"{path} holds a JSON {type(contents).__name__}, not an object.")
+    return contents
 
 
 def select(contents: Mapping, containers: Iterable[str], prefixes: Iterable[str]) -> dict[str, np.ndarray]:
@@ -150,24 +187,37 @@ def map_state(
     rules: Iterable[Rule],
     expected: Mapping[str, tuple[int, ...]],
     ignore: Iterable[str] = (),
+    source_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, np.ndarray], KeyReport]:
     """Applies every matching rule to every source key.
 
     A key may feed several targets (e.g. timm's fused qkv). Keys matching `ignore` are dropped on
-    purpose (classifier heads, T5's decoder). Returns flat {target path: array} and the report.
+    purpose (classifier heads, T5's decoder). Keys matching a pattern of `source_shapes` must have
+    that shape before any transform (slices would hide a wrong one), and a transform that cannot
+    reshape its key reports it as mis-shaped. Returns flat {target path: array} and the report.
     """
     rules, ignore = list(rules), list(ignore)
     out: dict[str, np.ndarray] = {}
     sources: dict[str, str] = {}
     report = KeyReport()
     for key, value in sorted(state.items()):
+        want = next((shape for pattern, shape in (source_shapes or {}).items() if re.fullmatch(pattern, key)), None)
+        if want is not None and tuple(value.shape) != tuple(want):
+            report.misshaped.append((key, tuple(value.shape), tuple(want)))
+            continue
         matched = False
         for pattern, target, transform in rules:
             match = re.fullmatch(pattern, key)
             if match is None:
                 continue
             matched = True
-            path, array = match.expand(target), transform(value)
+            path = match.expand(target)
+            try:
+                array = transform(value)
+            except ValueError:  # a reshape of a wrongly shaped key
+                report.misshaped.append((f"{key} (-> {path}, cannot be reshaped)", tuple(value.shape),
+                                         tuple(expected.get(path, ()))))
+                continue
             if path in out and not np.array_equal(out[path], array):
                 raise CheckpointMismatchError(f"Checkpoint keys {sources[path]} and {key} both give {path} but differ.")
             out[path], sources[path] = array, key
@@ -175,7 +225,7 @@ def map_state(
             report.unexpected.append(key)
     report.unexpected += [f"{sources[p]} (-> {p}, not in the model)" for p in sorted(set(out) - set(expected))]
     report.missing = sorted(set(expected) - set(out))
-    report.misshaped = [
+    report.misshaped += [
         (f"{sources[p]} (-> {p})", tuple(out[p].shape), tuple(expected[p]))
         for p in sorted(set(out) & set(expected))
         if tuple(out[p].shape) != tuple(expected[p])

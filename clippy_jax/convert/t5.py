@@ -21,9 +21,11 @@ from flax import serialization, traverse_util
 from clippy_jax.convert.common import (
     CheckpointMismatchError,
     Converted,
+    ConvertError,
     Rule,
     expected_shapes,
     map_state,
+    read_json,
     read_state_dict,
     same,
     transpose,
@@ -158,25 +160,24 @@ def _sentence_transformers_modules(folder: str) -> tuple[str, str | None, str | 
     found = dict(encoder=[], pooling=[], dense=[])
     modules_json = os.path.join(folder, "modules.json")
     if os.path.exists(modules_json):
-        with open(modules_json) as f:
-            for module in json.load(f):
-                kind = module["type"].rsplit(".", 1)[-1]
-                if kind not in SENTENCE_TRANSFORMERS_MODULES:
-                    raise ValueError(f"{modules_json}: unsupported module type {module['type']!r}; supported: "
-                                     f"{sorted(SENTENCE_TRANSFORMERS_MODULES)}.")
-                if SENTENCE_TRANSFORMERS_MODULES[kind]:
-                    found[SENTENCE_TRANSFORMERS_MODULES[kind]].append(os.path.join(folder, module["path"]))
+        for module in read_json(modules_json):
+            kind = module["type"].rsplit(".", 1)[-1]
+            if kind not in SENTENCE_TRANSFORMERS_MODULES:
+                raise ConvertError(f"{modules_json}: unsupported module type {module['type']!r}; supported: "
+                                   f"{sorted(SENTENCE_TRANSFORMERS_MODULES)}.")
+            if SENTENCE_TRANSFORMERS_MODULES[kind]:
+                found[SENTENCE_TRANSFORMERS_MODULES[kind]].append(os.path.join(folder, module["path"]))
     else:
         found["encoder"] = [folder] if os.path.exists(os.path.join(folder, "config.json")) else sorted(
             os.path.dirname(p) for p in glob.glob(os.path.join(folder, "0_*", "config.json")))
         found["pooling"] = sorted(glob.glob(os.path.join(folder, "*_Pooling")))
         found["dense"] = sorted(glob.glob(os.path.join(folder, "*_Dense")))
     if len(found["encoder"]) != 1:
-        raise FileNotFoundError(f"{folder}: expected one T5 encoder folder with a config.json (the folder itself or "
+        raise ConvertError(f"{folder}: expected one T5 encoder folder with a config.json (the folder itself or "
                                 f"0_T5EncoderModel/ ...), found {found['encoder'] or 'none'}.")
     for kind in ("pooling", "dense"):
         if len(found[kind]) > 1:
-            raise ValueError(f"{folder} has several {kind} modules {found[kind]}; only one is supported.")
+            raise ConvertError(f"{folder} has several {kind} modules {found[kind]}; only one is supported.")
     return found["encoder"][0], *(found[kind][0] if found[kind] else None for kind in ("pooling", "dense"))
 
 
@@ -184,9 +185,15 @@ def import_hf_t5(folder: str) -> Converted:
     """A transformers T5 / T5.1.1 folder (config.json + weights), or a sentence-T5 model folder
     (sentence-transformers layout: `modules.json`, `0_T5EncoderModel/`, `1_Pooling/`, `2_Dense/`)
     whose mean pooling and bias-free Dense layer become `text_pool` and `text_projection`."""
+    if not os.path.isdir(folder):
+        raise ConvertError(f"{folder} is not a folder; --from=hf_t5 reads a transformers model folder "
+                           "(config.json and the weights) or a sentence-transformers folder.")
     encoder, pooling, dense = _sentence_transformers_modules(folder)
-    with open(os.path.join(encoder, "config.json")) as f:
-        kwargs = kwargs_from_hf_config(json.load(f))
+    config_path = os.path.join(encoder, "config.json")
+    try:
+        kwargs = kwargs_from_hf_config(read_json(config_path))
+    except KeyError as error:
+        raise ConvertError(f"{config_path} has no {error}; expected a transformers T5Config.") from None
     converted = convert_hf_t5(_read_weights(encoder), kwargs)
     if pooling is not None:
         converted.model_config["text_pool"] = _sentence_t5_pooling(pooling)
@@ -197,8 +204,7 @@ def import_hf_t5(folder: str) -> Converted:
 
 def _sentence_t5_pooling(folder: str) -> str:
     """The `text_pool` of a sentence-transformers Pooling module."""
-    with open(os.path.join(folder, "config.json")) as f:
-        modes = json.load(f)
+    modes = read_json(os.path.join(folder, "config.json"))
     pools = [pool for key, pool in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_max_tokens", "max"),
                                     ("pooling_mode_cls_token", "first")) if modes.get(key)]
     if len(pools) != 1:
@@ -208,8 +214,7 @@ def _sentence_t5_pooling(folder: str) -> str:
 
 def _sentence_t5_dense(folder: str, width: int) -> Converted:
     """A sentence-transformers Dense module (bias-free, linear) -> `text_projection`."""
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
+    config = read_json(os.path.join(folder, "config.json"))
     activation = config.get("activation_function", "torch.nn.modules.linear.Identity")
     if not activation.endswith("Identity"):
         raise CheckpointMismatchError(f"{folder} applies {activation}; only a linear (Identity) Dense is supported.")

@@ -74,25 +74,46 @@ def _square_side(n: int) -> int | None:
 
 
 def vit_kwargs(state: dict[str, np.ndarray]) -> dict:
-    """`VisionTransformer` keyword arguments implied by a timm-layout state dict."""
+    """`VisionTransformer` keyword arguments implied by a timm-layout state dict.
+
+    The depth is the highest block index + 1 (`python -m clippy_jax.convert` compares it with the
+    preset of that width or `--image-depth`); the heads are those of the preset of that width.
+    """
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
         if key not in state:
             raise KeyError(f"Not a timm/DINO ViT state dict: no {key!r} (keys start {sorted(state)[:5]}).")
     width, _, patch, _ = state["patch_embed.proj.weight"].shape
     if width not in HEADS_BY_WIDTH:
-        raise ValueError(f"Cannot infer the number of heads of a ViT of width {width}; known {HEADS_BY_WIDTH}.")
-    num_pos = state["pos_embed"].shape[1]
+        raise ValueError(f"patch_embed.proj.weight has width {width}, which no ViT preset has; known widths "
+                         f"{sorted(HEADS_BY_WIDTH)}.")
+    pos_embed = state["pos_embed"]
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != width:
+        raise ValueError(f"pos_embed has shape {pos_embed.shape}; a ViT of width {width} needs "
+                         f"[1, positions, {width}].")
+    num_pos = pos_embed.shape[1]
     use_cls = "cls_token" in state
-    side = _square_side(num_pos - 1) if use_cls else None
-    side = side or _square_side(num_pos)
+    if use_cls and tuple(state["cls_token"].shape) != (1, 1, width):
+        raise ValueError(f"cls_token has shape {state['cls_token'].shape}; a ViT of width {width} needs "
+                         f"(1, 1, {width}).")
+    side = (_square_side(num_pos - 1) if use_cls else None) or _square_side(num_pos)
     if side is None:
-        raise ValueError(f"pos_embed has {num_pos} entries, not a square grid (with or without a cls entry).")
+        if not use_cls and _square_side(num_pos - 1):
+            raise KeyError(f"pos_embed has {num_pos} = 1 + {num_pos - 1} entries (a cls entry and a square grid) "
+                           "but there is no cls_token.")
+        raise ValueError(f"pos_embed has {num_pos} entries, not a square grid{' plus a cls entry' if use_cls else ''}.")
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     return dict(
         patch_size=int(patch), width=int(width), depth=depth, mlp_dim=int(state["blocks.0.mlp.fc1.weight"].shape[0]),
         num_heads=HEADS_BY_WIDTH[width], posemb_grid=(side, side), use_cls_token=use_cls,
         norm_placement="post_pool" if "fc_norm.weight" in state else "pre_pool",
     )
+
+
+def source_shapes(width: int) -> dict[str, tuple[int, ...]]:
+    """The shapes of the source keys that are sliced or reshaped (checked before any transform)."""
+    block = r"blocks\.\d+\."
+    return {block + r"attn\.qkv\.weight": (3 * width, width), block + r"attn\.qkv\.bias": (3 * width,),
+            block + r"attn\.proj\.weight": (width, width)}
 
 
 def _encode_and_pool_norm(module: VisionTransformer, images: jnp.ndarray) -> jnp.ndarray:
@@ -118,7 +139,7 @@ def convert_vit(state: dict[str, np.ndarray]) -> Converted:
                                method=_encode_and_pool_norm)
     params, report = map_state(
         fold_cls_position(state, kwargs["posemb_grid"]), vit_rules(kwargs["width"], kwargs["num_heads"]), expected,
-        IGNORED,
+        IGNORED, source_shapes(kwargs["width"]),
     )
     return Converted(params, dict(image=kwargs), report)
 

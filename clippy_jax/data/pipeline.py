@@ -37,7 +37,9 @@ import atexit
 import dataclasses
 import io
 import os
+import re
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -65,7 +67,16 @@ _OPEN: "weakref.WeakSet[InputIterator]" = weakref.WeakSet()
 # counters and positions (read by InputIterator).
 _WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, Callable]" = weakref.WeakKeyDictionary()
 # Data keys that configs written before them may lack.
-DEFAULTS = dict(crop="random", tfds_name="", tfds_data_dir="", tfds_split="train", patch_stride=0)
+DEFAULTS = dict(crop="random", tfds_name="", tfds_data_dir="", tfds_split="train", patch_stride=0,
+                max_input_wait_seconds=300.0, max_consecutive_skips=10_000)
+# The start of the error the pipeline raises after `max_consecutive_skips` unusable records in a row.
+_SKIPS_MESSAGE = "consecutive records were skipped"
+# Seconds between checks of the caller's cancellation while waiting for a batch.
+_POLL_SECONDS = 0.5
+
+
+class InputStalledError(RuntimeError):
+    """No batch arrived in time, or too many records in a row were unusable."""
 
 
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -90,14 +101,24 @@ def _decoded(window: dict[str, tf.data.Dataset]) -> tf.data.Dataset:
     return tf.data.Dataset.zip(window).map(_decode).ignore_errors()
 
 
-def _count(state: tuple[tf.Tensor, tf.Tensor], example: dict[str, tf.Tensor]):
-    """Adds the example's own skip reason, and the undecodable images just before it, to the counters."""
-    counts, last_position = state
+def _count(state: tuple[tf.Tensor, tf.Tensor, tf.Tensor], example: dict[str, tf.Tensor]):
+    """Adds the example's own skip reason, and the undecodable images just before it, to the counters;
+    `run` counts the records skipped since the last usable one."""
+    counts, last_position, run = state
     reasons = len(sources.REASONS)
     undecodable = tf.cast(example["position"] - last_position - 1, tf.int32)
     counts += undecodable * tf.one_hot(sources.BAD_IMAGE - 1, reasons, dtype=tf.int32)
     counts += tf.one_hot(example["status"] - 1, reasons, dtype=tf.int32)  # OK (0) adds nothing
-    return (counts, example["position"]), dict(example, skipped=counts)
+    run = tf.where(example["status"] == sources.OK, 0, run + undecodable + 1)
+    return (counts, example["position"], run), dict(example, skipped=counts, run=run)
+
+
+def _check_skips(example: dict[str, tf.Tensor], limit: int) -> dict[str, tf.Tensor]:
+    """Fails the stream (`InputIterator` names the cause) after `limit` unusable records in a row."""
+    check = tf.debugging.Assert(example["run"] < limit, [_SKIPS_MESSAGE, example["run"], "counters",
+                                                           example["skipped"]], summarize=len(sources.REASONS))
+    with tf.control_dependencies([check]):
+        return {k: tf.identity(v) for k, v in example.items() if k != "run"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +271,10 @@ def train_dataset(
         decoded = examples.window(DECODE_WINDOW).interleave(
             _decoded, cycle_length=AUTOTUNE, block_length=DECODE_WINDOW, num_parallel_calls=AUTOTUNE,
             deterministic=True)
-        initial = (tf.constant(start.skipped, tf.int32), tf.constant(start.last_position, tf.int64))
-        counted = decoded.scan(initial, _count).filter(lambda example: example["status"] == sources.OK)
+        initial = (tf.constant(start.skipped, tf.int32), tf.constant(start.last_position, tf.int64),
+                   tf.constant(0, tf.int32))
+        counted = decoded.scan(initial, _count).map(lambda example: _check_skips(example, config.max_consecutive_skips))
+        counted = counted.filter(lambda example: example["status"] == sources.OK)
         ready = counted.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
         batched = ready.batch(local_batch_size, drop_remainder=True)
         return batched.map(tokenize).prefetch(config.prefetch), reader
@@ -262,14 +285,38 @@ def train_dataset(
     return inputs
 
 
+class _Read:
+    """One `next` of a tf.data iterator in a daemon thread, so that the caller can wait for it with a
+    time limit and Python signal handlers keep running meanwhile."""
+
+    def __init__(self, iterator):
+        self.done, self.value, self.error = threading.Event(), None, None
+        threading.Thread(target=self._run, args=(iterator,), daemon=True).start()
+
+    def _run(self, iterator) -> None:
+        try:
+            self.value = next(iterator)
+        except BaseException as error:  # noqa: BLE001 (handed to the waiting thread)
+            self.error = error
+        self.done.set()
+
+
 class InputIterator:
     """A numpy iterator over a `train_dataset` whose position and skip counters can be checkpointed
-    in a few kilobytes (see the module docstring)."""
+    in a few kilobytes (see the module docstring).
 
-    def __init__(self, dataset: tf.data.Dataset):
+    A watchdog stops the run when no batch arrives within `max_wait_seconds` (or the stream fails
+    after `data.max_consecutive_skips` unusable records): `InputStalledError` then says what was
+    waited for, with `describe()` (the pattern, keys and shard contents) and the skip counters.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, max_wait_seconds: float | None = None,
+                 describe: Callable[[], str] = lambda: ""):
         if dataset not in _WITH_COUNTERS:
             raise TypeError("InputIterator reads the dataset that pipeline.train_dataset returned, untransformed.")
         self._build, self._block_size = _WITH_COUNTERS[dataset]
+        self._max_wait, self._describe = max_wait_seconds, describe
+        self._read: _Read | None = None  # the batch being read
         self._begin(Start())
         _OPEN.add(self)
 
@@ -281,24 +328,46 @@ class InputIterator:
     def _begin(self, start: Start) -> None:
         self._batches, self._reader = self._build(start)
         self._iterator = None  # made at the first batch: nothing is read before a restore
+        self._read = None
         self._skipped, self._position = np.asarray(start.skipped, np.int32), start.last_position
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        return self.next_batch()
+
+    def next_batch(self, cancelled: Callable[[], bool] = lambda: False) -> dict[str, np.ndarray] | None:
+        """The next batch; None when `cancelled()` turns true while waiting for it (checked every
+        `_POLL_SECONDS`; the iterator then cannot be saved)."""
         if self._iterator is None:
             self._iterator = iter(self._batches)
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            if self._reader.error is not None:
-                raise self._reader.error from None
-            raise
+        self._read = self._read or _Read(self._iterator)
+        deadline = None if self._max_wait is None else time.monotonic() + self._max_wait
+        while not self._read.done.wait(_POLL_SECONDS):
+            if cancelled():
+                return None
+            if deadline is not None and time.monotonic() > deadline:
+                raise InputStalledError(f"No training batch within data.max_input_wait_seconds={self._max_wait:g}: "
+                                        f"{self._diagnosis(self._skipped)}")
+        read, self._read = self._read, None
+        if isinstance(read.error, tf.errors.InvalidArgumentError) and _SKIPS_MESSAGE in read.error.message:
+            run, counts = re.search(r"\] \[(\d+)\] \[counters\] \[([\d ]+)\]", read.error.message).groups()
+            raise InputStalledError(f"{run} {_SKIPS_MESSAGE} (data.max_consecutive_skips): "
+                                    f"{self._diagnosis([int(n) for n in counts.split()])}") from None
+        if isinstance(read.error, StopIteration) and self._reader.error is not None:
+            raise self._reader.error from None
+        if read.error is not None:
+            raise read.error
+        batch = read.value
         self._skipped = batch.pop(SKIPPED_KEY).numpy()
         self._position = int(batch.pop(POSITION_KEY))
         self._reader.forget_before((self._position + 1) // self._block_size)
         return {k: v.numpy() for k, v in batch.items()}
+
+    def _diagnosis(self, counts) -> str:
+        skipped = ", ".join(f"{reason}={int(n)}" for reason, n in zip(sources.REASONS, counts))
+        return f"{self._describe()} Skip counters so far: {skipped}."
 
     def counters(self) -> dict[str, int]:
         """{'data/skipped_<reason>': count}, cumulative over this process's stream up to the last batch."""
@@ -311,6 +380,8 @@ class InputIterator:
                      self._position)
 
     def save(self, directory: str) -> None:
+        if self._read is not None:
+            raise RuntimeError("The input iterator is still reading a batch and cannot be saved.")
         state = self.state()
         buffer = io.BytesIO()
         np.savez(buffer, block=state.block, skip=state.skip, skipped=np.asarray(state.skipped, np.int32),

@@ -19,7 +19,11 @@ as empty; one that exists but cannot be opened is an error that tf.data's `ignor
 for TFRecord read errors) would retry forever, so make shards readable before training.
 """
 
+import collections
 import concurrent.futures
+import json
+import re
+import tarfile
 
 import ml_collections
 import tensorflow as tf
@@ -40,9 +44,66 @@ _KEY_EXTENSION = r"^((?:.*/|)[^./]+)\.([^/]*)$"
 _STAT_THREADS = 32
 
 
+# Bad shards named in the log per reason at start-up.
+_NAMED_BAD_SHARDS = 3
+# Members (tar) or records (TFRecord) of the first readable shard listed when checking the keys.
+_PROBE_MEMBERS = 64
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(ValueError):
+    """The training data cannot give a usable example; the message names the setting and what was found."""
+
+
 def split_keys(spec: str) -> tuple[str, ...]:
     """A comma-separated config value ('jpg,png') -> ('jpg', 'png')."""
     return tuple(k.strip() for k in spec.split(",") if k.strip())
+
+
+def parse_text_keys(spec: str) -> tuple[tuple[str, str], ...]:
+    """`data.text_key` ('txt,json:caption') -> ((member or feature, JSON field or ''), ...)."""
+    keys = []
+    for key in split_keys(spec):
+        name, _, field = key.partition(":")
+        if not name or (_ and not field):
+            raise DataError(f"config.data.text_key={spec!r}: {key!r} is not KEY or KEY:FIELD; pass e.g. "
+                            "'txt' or 'json:caption' (the caption field of a JSON member).")
+        keys.append((name, field))
+    return tuple(keys)
+
+
+def _unicode_escapes(value: tf.Tensor) -> tf.Tensor:
+    """JSON `\\uXXXX` escapes -> UTF-8 characters, in a string tensor of any shape (the two halves of
+    a surrogate pair each become U+FFFD)."""
+    parts = tf.strings.split(tf.reshape(value, [-1]), "\\u")  # [n, pieces]: all but the first follow an escape
+
+    def decode(pieces: tf.Tensor) -> tf.Tensor:
+        hex_digits = tf.strings.unicode_decode(tf.strings.substr(pieces, 0, 4), "UTF-8").to_tensor(0, shape=[None, 4])
+        digits = tf.where(hex_digits < 58, hex_digits - 48, tf.bitwise.bitwise_or(hex_digits, 32) - 87)
+        char = tf.strings.unicode_encode(tf.reduce_sum(digits * [4096, 256, 16, 1], axis=1)[:, None], "UTF-8",
+                                         errors="replace")
+        valid = tf.strings.regex_full_match(pieces, "(?s)[0-9a-fA-F]{4}.*")
+        return tf.where(valid, char + tf.strings.regex_replace(pieces, "^[0-9a-fA-F]{4}", ""), "\\u" + pieces)
+
+    is_first = tf.ragged.range(parts.row_lengths()) == 0
+    joined = tf.strings.reduce_join(tf.ragged.map_flat_values(tf.where, is_first, parts,
+                                                              tf.ragged.map_flat_values(decode, parts)), axis=-1)
+    return tf.reshape(joined, tf.shape(value))
+
+
+def json_string_field(text: tf.Tensor, field: str) -> tf.Tensor:
+    """The string value of the first `"field": "..."` in JSON text ('' if absent), unescaped."""
+    pattern = r'(?s)^.*?"' + re.escape(field) + r'"\s*:\s*"((?:[^"\\]|\\.)*)".*$'
+    value = tf.where(tf.strings.regex_full_match(text, pattern), tf.strings.regex_replace(text, pattern, r"\1"), "")
+    value = tf.strings.regex_replace(value, r"\\\\", "\x00")  # escaped backslashes, restored last
+    value = _unicode_escapes(value)
+    for escaped, plain in ((r'\\"', '"'), (r"\\/", "/"), (r"\\n", "\n"), (r"\\t", "\t"), (r"\\r", "\r")):
+        value = tf.strings.regex_replace(value, escaped, plain)
+    return tf.strings.regex_replace(value, r"\x00", r"\\")
+
+
+def _caption(text: tf.Tensor, field: str) -> tf.Tensor:
+    return json_string_field(text, field) if field else text
 
 
 def list_files(pattern: str) -> list[str]:
@@ -60,18 +121,131 @@ def process_files(files: list[str], process_index: int, process_count: int) -> l
     return files[process_index::process_count]
 
 
-def file_sizes(files: list[str]) -> list[int]:
-    """Byte sizes of `files`; -1 (read as a bad shard) where a file cannot be stat-ed."""
-
-    def size(path: str) -> int:
+def _shard_fault(path: str, tar_format: bool) -> tuple[int, str]:
+    """(byte size, '' or why the shard cannot be read): one `stat` and a read of its first bytes."""
+    try:
+        if tf.io.gfile.isdir(path):
+            return -1, "a directory"
+        size = tf.io.gfile.stat(path).length
+        with tf.io.gfile.GFile(path, "rb") as f:
+            head = f.read(tarfile.BLOCKSIZE)
+    except tf.errors.OpError as error:
+        return -1, f"unreadable ({error.message})"
+    if size == 0:
+        return size, "empty (0 bytes)"
+    if head.startswith(_GZIP_MAGIC):
+        return size, "gzip-compressed (decompress the shards: only uncompressed files are read)"
+    if tar_format:
         try:
-            return tf.io.gfile.stat(path).length
-        except tf.errors.OpError as error:
-            logging.warning("Cannot stat shard %s (%s); it will be skipped and counted.", path, error.message)
-            return -1
+            tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            return size, "not a tar archive (no valid tar header at its start)"
+    elif len(head) < 12 or int.from_bytes(head[:8], "little") + _TFRECORD_OVERHEAD > size:
+        return size, "not a TFRecord file (its first record length does not fit the file)"
+    return size, ""
 
+
+def _first_members(path: str, tar_format: bool) -> list[str]:
+    """Member extensions (tar) or feature names (TFRecord) of the first records of a readable shard."""
+    names = collections.Counter()
+    try:
+        if tar_format:
+            with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as archive:
+                for _, member in zip(range(_PROBE_MEMBERS), archive):
+                    match = re.match(_KEY_EXTENSION, member.name)
+                    names[match.group(2) if match and member.isfile() else member.name] += 1
+        else:
+            for record in tf.data.TFRecordDataset(path).take(_PROBE_MEMBERS):
+                names.update(tf.train.Example.FromString(record.numpy()).features.feature.keys())
+    except (tarfile.TarError, tf.errors.OpError, ValueError) as error:
+        logging.warning("Could not list the records of %s: %s", path, error)
+    return sorted(names)
+
+
+def _json_fields(path: str, extension: str) -> set[str]:
+    """The top-level fields of the first `extension` JSON member of a tar shard."""
+    with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as archive:
+        for member in archive:
+            if member.isfile() and member.name.lower().endswith(f".{extension}"):
+                try:
+                    return set(json.loads(archive.extractfile(member).read()))
+                except (ValueError, TypeError):
+                    return set()
+    return set()
+
+
+def check_shards(config: ml_collections.ConfigDict, files: list[str], image_keys: tuple[str, ...],
+                 text_keys: tuple[tuple[str, str], ...]) -> list[int]:
+    """The byte sizes of `files` (-1: cannot be read, counted as a bad shard), after naming the bad
+    shards in the log and checking that the first readable shard holds the configured keys.
+
+    Raises DataError, naming the pattern and what the files hold, when no shard is readable or the
+    first readable shard has none of the image keys or none of the caption keys.
+    """
+    tar_format = config.source == "webdataset"
     with concurrent.futures.ThreadPoolExecutor(_STAT_THREADS) as pool:
-        return list(pool.map(size, files))
+        checked = list(pool.map(lambda path: _shard_fault(path, tar_format), files))
+    faults = collections.defaultdict(list)
+    for path, (_, fault) in zip(files, checked):
+        if fault:
+            faults[fault].append(path)
+    for fault, paths in faults.items():
+        logging.warning("%d of %d shards of %r are %s and will be counted as bad shards: %s%s", len(paths),
+                        len(files), config.train_pattern, fault, ", ".join(paths[:_NAMED_BAD_SHARDS]),
+                        ", ..." if len(paths) > _NAMED_BAD_SHARDS else "")
+    readable = [path for path, (_, fault) in zip(files, checked) if not fault]
+    kind = "uncompressed WebDataset tars" if tar_format else "TFRecord files"
+    if not readable:
+        found = "; ".join(f"{len(paths)} {fault} (e.g. {paths[0]})" for fault, paths in faults.items())
+        raise DataError(f"None of the {len(files)} files of config.data.train_pattern={config.train_pattern!r} is "
+                        f"readable as {kind} (config.data.source={config.source!r}): {found}.")
+    held = _first_members(readable[0], tar_format)
+    what = "member extensions" if tar_format else "features"
+    present = {name.lower() for name in held} if tar_format else set(held)
+
+    def key_of(key: str) -> str:
+        return key.lower() if tar_format else key
+
+    if held and not any(key_of(k) in present for k in image_keys):
+        raise DataError(f"config.data.image_key={config.image_key!r} matches none of the {what} {held} of "
+                        f"{readable[0]} (the first readable shard of {config.train_pattern!r}); name the image "
+                        f"{what[:-1]}, e.g. --config.data.image_key={_guess(held, _IMAGE_EXTENSIONS)}.")
+    if held and not any(key_of(k) in present for k, _ in text_keys):
+        raise DataError(f"config.data.text_key={config.text_key!r} matches none of the {what} {held} of "
+                        f"{readable[0]} (the first readable shard of {config.train_pattern!r}); name the caption "
+                        f"{what[:-1]}, e.g. --config.data.text_key={_guess(held, _TEXT_EXTENSIONS)}.")
+    for key, field in text_keys:
+        if tar_format and field and key.lower() in present:
+            fields = _json_fields(readable[0], key.lower())
+            if fields and field not in fields:
+                raise DataError(f"config.data.text_key={config.text_key!r}: the {key!r} members of {readable[0]} "
+                                f"have no field {field!r}; their fields are {sorted(fields)}.")
+    return [size if not fault else -1 for size, fault in checked]
+
+
+_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "image")
+_TEXT_EXTENSIONS = ("txt", "caption", "text", "json:caption")
+
+
+def _guess(held: list[str], candidates: tuple[str, ...]) -> str:
+    lowered = {name.lower(): name for name in held}
+    found = [lowered[c.split(":")[0]] + c[len(c.split(":")[0]):] for c in candidates if c.split(":")[0] in lowered]
+    return ",".join(found) or "KEY"
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """What the training data is and holds, for errors: source, pattern, keys, the first shard's contents."""
+    keys = f"image_key={config.image_key!r}, text_key={config.text_key!r}"
+    if config.source not in FILE_SOURCES:
+        return f"config.data.source={config.source!r} (tfds_name={config.tfds_name!r}), {keys}."
+    files = sorted(tf.io.gfile.glob(config.train_pattern))
+    tar_format = config.source == "webdataset"
+    readable = [path for path in files[:_PROBE_MEMBERS] if not _shard_fault(path, tar_format)[1]]
+    what = "member extensions" if tar_format else "features"
+    held = f"its first readable shard {readable[0]} holds the {what} {_first_members(readable[0], tar_format)}" \
+        if readable else "none of its first shards is readable"
+    return (f"config.data.source={config.source!r}, train_pattern={config.train_pattern!r} ({len(files)} files), "
+            f"{keys}; {held}.")
 
 
 def status_element(status: int) -> dict[str, tf.Tensor]:
@@ -99,21 +273,21 @@ def _existing(path: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
 
 
 def _tfrecord_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, ...],
-                    text_keys: tuple[str, ...]) -> tf.data.Dataset:
+                    text_keys: tuple[tuple[str, str], ...]) -> tf.data.Dataset:
     """Examples of one img2dataset TFRecord shard, then a BAD_SHARD element if it was not read whole.
 
     Read or parse errors end (record errors) or skip (parse errors) through `ignore_errors`; the
     shard is complete when the records read account for all of its bytes.
     """
     features = {k: tf.io.FixedLenFeature([], tf.string, default_value="") for k in image_keys}
-    features.update({k: tf.io.VarLenFeature(tf.string) for k in text_keys})
+    features.update({k: tf.io.VarLenFeature(tf.string) for k, _ in text_keys})
 
     def parse(record: tf.Tensor) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         parsed = tf.io.parse_single_example(record, features)
         images = tf.stack([parsed[k] for k in image_keys])
         present = tf.strings.length(images) > 0
         image = tf.where(tf.reduce_any(present), images[tf.argmax(tf.cast(present, tf.int32))], "")
-        captions = tf.concat([parsed[k].values for k in text_keys], 0)
+        captions = tf.concat([_caption(parsed[k].values, field) for k, field in text_keys], 0)
         nbytes = tf.cast(tf.strings.length(record), tf.int64) + _TFRECORD_OVERHEAD
         return dict(image=image, captions=captions, status=tf.constant(OK, tf.int32)), nbytes
 
@@ -131,13 +305,16 @@ def _tfrecord_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, ...
 
 
 def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, ...],
-                      text_keys: tuple[str, ...]) -> tf.data.Dataset:
+                      text_keys: tuple[tuple[str, str], ...]) -> tf.data.Dataset:
     """Examples of one WebDataset tar: consecutive members with the same key form a sample.
 
     The image is the member whose extension comes first in `image_keys`; each extension in
-    `text_keys` ('txt') contributes a caption. A truncated or corrupt tar yields the samples read
-    before the fault, then a BAD_SHARD element.
+    `text_keys` ('txt', or 'json' with a field) contributes a caption. Extensions match without
+    regard to case. A truncated or corrupt tar yields the samples read before the fault, then a
+    BAD_SHARD element.
     """
+    image_keys = tuple(k.lower() for k in image_keys)
+    text_keys = tuple((k.lower(), field) for k, field in text_keys)
     no_image_rank = len(image_keys)
     no_captions = tf.fill([len(text_keys)], "")
     initial = dict(key=tf.constant(""), image=tf.constant(""), rank=tf.constant(no_image_rank), captions=no_captions)
@@ -166,8 +343,9 @@ def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, .
         better = rank < state["rank"]
         state["image"] = tf.where(better, member["data"], state["image"])
         state["rank"] = tf.minimum(rank, state["rank"])
-        is_text = named & tf.equal(extension, tf.constant(text_keys))
-        state["captions"] = tf.where(is_text, member["data"], state["captions"])
+        is_text = named & tf.equal(extension, tf.constant([k for k, _ in text_keys]))
+        captions = tf.stack([_caption(member["data"], field) for _, field in text_keys])
+        state["captions"] = tf.where(is_text, captions, state["captions"])
         return state, out
 
     return tar.read_members(path, size).scan(initial, group).unbatch()
@@ -176,9 +354,9 @@ def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, .
 def _shard_examples(config: ml_collections.ConfigDict, seed: int, process_index: int, process_count: int,
                     epochs: int | None) -> tf.data.Dataset:
     files = process_files(list_files(config.train_pattern), process_index, process_count)
-    sizes = file_sizes(files)
+    image_keys, text_keys = split_keys(config.image_key), parse_text_keys(config.text_key)
+    sizes = check_shards(config, files, image_keys, text_keys)
     read = _webdataset_shard if config.source == "webdataset" else _tfrecord_shard
-    image_keys, text_keys = split_keys(config.image_key), split_keys(config.text_key)
     shards = tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64)))
     shards = shards.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat(epochs)
     return shards.interleave(

@@ -1,6 +1,7 @@
 """The train loop: data, sharded state, jitted steps, checkpoints, CLU logging, evaluations."""
 
 import datetime
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from clippy_jax import config_checks
 from clippy_jax.convert import load_pretrained, merge_pretrained
-from clippy_jax.data import demo_data, pipeline
+from clippy_jax.data import demo_data, pipeline, sources
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import checkpoints, runner
 from clippy_jax.models import build_model
@@ -32,21 +33,38 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN or Inf appeared in the loss or the gradients."""
 
 
-class PreemptionWatcher:
-    """Turns SIGTERM (TPU maintenance, preemption notices, SLURM's time limit) into a clean stop.
+class TrainingStopped(Exception):  # noqa: N818 (a stop, not a failure)
+    """A termination signal stopped the run; its last checkpoint is complete, rerun to resume."""
 
-    With several processes, JAX's preemption sync point makes every process stop at the same step.
+
+class PreemptionWatcher:
+    """Turns SIGTERM (TPU maintenance, preemption notices, SLURM's time limit) and a first Ctrl-C
+    into a clean stop; a second Ctrl-C interrupts at once.
+
+    Inside the train loop (`in_loop`) a signal only sets `requested`: the loop stops at the end of
+    its step after saving. Elsewhere (compilation, evaluation) it raises `TrainingStopped` as soon
+    as Python code runs. With several processes, JAX's preemption sync point makes every process
+    stop at the same step.
     """
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.in_loop, self._previous = False, False, {}
         if jax.process_count() == 1:
-            signal.signal(signal.SIGTERM, self._on_signal)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """Puts back the signal handlers of before."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
     def _on_signal(self, signum, frame):
         del frame
-        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         self.requested = True
+        if not self.in_loop:
+            raise TrainingStopped(f"Stopped by signal {signal.Signals(signum).name} before the train loop or "
+                                  "during the evaluation; the checkpoints are complete, rerun to resume.")
+        logging.warning("Received signal %s: saving a checkpoint and stopping.", signal.Signals(signum).name)
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -119,7 +137,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
     """Trains `config.train.steps` steps (resuming from `workdir`), then runs the evaluations.
 
     A run that already trained and evaluated all its steps returns its recorded results at once,
-    unless `reevaluate`."""
+    unless `reevaluate`. Raises `TrainingStopped` after a termination signal (the last checkpoint is
+    complete).
+    """
+    preemption = PreemptionWatcher()
+    try:
+        return _train_and_evaluate(config, workdir, preemption, reevaluate)
+    finally:
+        preemption.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preemption: PreemptionWatcher,
+                        reevaluate: bool) -> dict:
     config_checks.validate(config, jax.device_count(), jax.process_count())
     total_steps = config.train.steps
     finished = None if reevaluate else _finished_results(workdir, total_steps)
@@ -128,9 +157,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
                      "evaluate again, or raise --config.train.steps to train further.", total_steps, total_steps)
         _log_where(workdir, total_steps)
         return finished["evaluations"]
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
+                                config.train.keep_checkpoints)
+    settings = config_checks.flatten(config)
+    if checkpointer.steps():
+        config_checks.check_resume(settings, checkpointer.saved_settings(), workdir, checkpointer.steps()[0],
+                                   total_steps)
     data_config = demo_data.prepare_data(config, workdir)
     _record_config(config, data_config, workdir)
     tokenizer = Tokenizer(data_config.tokenizer_path, config.data.max_text_length)
+    config_checks.check_vocab(config, tokenizer.vocab_size)
     model = build_model(config.model, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
     tx, schedule = make_optimizer(config.optim, total_steps)
@@ -140,18 +176,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
     dataset = pipeline.train_dataset(
         data_config, tokenizer, local_batch_size, config.seed, jax.process_index(), jax.process_count()
     )
-    iterator = pipeline.InputIterator(dataset)
+    iterator = pipeline.InputIterator(dataset, pipeline.with_defaults(config.data).max_input_wait_seconds,
+                                      functools.partial(sources.describe, data_config))
     example = batch_spec(
         {k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in dataset.element_spec.items()}, jax.process_count()
     )
     state, state_shardings = create_train_state(model, tx, example, mesh, config.seed, grid_shape)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
-                                config.train.keep_checkpoints)
     restored = checkpointer.restore(state, iterator)
     if restored is not None:
         state = restored
     else:
         state = state.replace(params=initialize_from_pretrained(state.params, config.init))
+        checkpointer.write_settings(settings)
     start_step = int(state.step)
     if start_step >= total_steps:
         logging.info("All %d steps are trained: evaluating the checkpoint of step %d again.", total_steps, start_step)
@@ -160,7 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
 
     writer = runner.create_writer(workdir)
     if start_step == 0:
-        writer.write_hparams(_flatten(config))
+        writer.write_hparams(settings)
         logging.info("Hyperparameters (also in TensorBoard's HPARAMS tab and %s):\n%s",
                      os.path.join(workdir, checkpoints.CONFIG_FILE), hyperparameter_block(config))
     skip_nonfinite = config.train.on_nonfinite == "skip"
@@ -169,6 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
         hooks.append(periodic_actions.Profile(num_profile_steps=config.train.profile_steps,
                                               first_profile=start_step + config.train.profile_first_step,
                                               every_secs=None, logdir=workdir))
+    compiled_step, flops_per_step, peak_flops = None, None, None
     if start_step < total_steps:
         train_step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale,
                                      grid_shape, skip_nonfinite, config.train.loss_block_size)
@@ -179,14 +216,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
         peak_flops, peak_source = perf.device_peak_flops()
         logging.info("XLA: %s FLOPs per step per device; device peak %.3g FLOP/s (%s).", flops_per_step, peak_flops,
                      peak_source)
-    preemption = PreemptionWatcher()
+    try:
+        preemption.in_loop = True
+        state, step = _train_loop(config, state, compiled_step, iterator, checkpointer, hooks, writer, preemption,
+                                  mesh, flops_per_step, peak_flops, start_step,
+                                  lambda params, at: runner.run_evaluations(config, model, params, tokenizer,
+                                                                            data_config, writer, workdir, at))
+    finally:  # a save in flight completes on any exit: only finite states are ever saved (`_check_finite`)
+        checkpointer.wait()
+        preemption.in_loop = False
+    if step < total_steps:
+        raise TrainingStopped(f"Stopped at step {step} after a termination signal; the checkpoint of step "
+                              f"{max(checkpointer.steps(), default=0)} is complete, rerun to resume.")
+    checkpointer.close()
+    results = runner.run_evaluations(config, model, state.params, tokenizer, data_config, writer, workdir,
+                                     total_steps)
+    writer.flush()
+    _log_where(workdir, total_steps)
+    return results
+
+
+def _train_loop(config, state, compiled_step, iterator, checkpointer, hooks, writer, preemption, mesh,
+                flops_per_step, peak_flops, start_step, evaluate) -> tuple:
+    """Steps from `start_step` until `config.train.steps` or a stop request; returns (state, last step)."""
+    total_steps = config.train.steps
+    skip_nonfinite = config.train.on_nonfinite == "skip"
     last_log_time, last_log_step, pending = time.time(), start_step, []
     step = start_step
     with jax.set_mesh(mesh):
         while step < total_steps:
+            batch = iterator.next_batch(cancelled=lambda: preemption.requested)
+            if batch is None:  # stopped while waiting for data: the iterator is mid-read, keep the last checkpoint
+                logging.warning("Stopped at step %d while waiting for input; no new checkpoint.", step)
+                return state, step
             step += 1
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = compiled_step(state, sharding.global_batch(next(iterator), mesh))
+                state, metrics = compiled_step(state, sharding.global_batch(batch, mesh))
             pending.append(metrics)
             for hook in hooks:
                 hook(step)
@@ -207,18 +272,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevalua
                 _log_progress(step, total_steps, scalars, seconds_per_step)
                 pending, last_log_time, last_log_step = [], time.time(), step
             checkpointer.save(step, state, iterator, force=step == total_steps or stop)
-            if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
-                runner.run_evaluations(config, model, state.params, tokenizer, data_config, writer, workdir, step)
             if stop:
-                checkpointer.wait()
-                logging.warning("Stopped at step %d after a termination signal; rerun to resume.", step)
-                return {}
-    checkpointer.wait()
-    checkpointer.close()
-    results = runner.run_evaluations(config, model, state.params, tokenizer, data_config, writer, workdir, total_steps)
-    writer.flush()
-    _log_where(workdir, total_steps)
-    return results
+                return state, step
+            if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
+                evaluate(state.params, step)
+    return state, step
 
 
 def _log_progress(step: int, total_steps: int, scalars: dict, seconds_per_step: float) -> None:
@@ -232,19 +290,9 @@ def hyperparameter_block(config: ml_collections.ConfigDict, width: int = 116) ->
     lines = []
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
-            text = f"{key}: " + " ".join(f"{k}={v}" for k, v in _flatten(value).items())
+            text = f"{key}: " + " ".join(f"{k}={v}" for k, v in config_checks.flatten(value).items())
         else:
             text = f"{key}: {value}"
         lines.append(textwrap.fill(text, width, initial_indent="  ", subsequent_indent="      ",
                                    break_on_hyphens=False))
     return "\n".join(lines)
-
-
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
-    return out
