@@ -341,25 +341,28 @@ def format_plan(plan: dict) -> str:
     return "\n".join(rows)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file.", lock_config=False)
-_DEVICES = flags.DEFINE_integer("devices", 8, "Number of devices to plan for (forced host CPU devices).")
-_ACCELERATOR = flags.DEFINE_string("accelerator", "", f"Estimate step time and memory fit for one of "
-                                   f"{sorted(ACCELERATORS)}.")
+def _define_flags() -> None:
+    """The command's flags, defined when it runs (not at import: other commands define --config too)."""
+    config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file.", lock_config=False)
+    flags.DEFINE_integer("devices", 8, "Number of devices to plan for (forced host CPU devices).")
+    flags.DEFINE_string("accelerator", "", f"Estimate step time and memory fit for one of {sorted(ACCELERATORS)}.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _ACCELERATOR.value and _ACCELERATOR.value not in ACCELERATORS:
-        raise app.UsageError(f"--accelerator={_ACCELERATOR.value!r}; choose from {sorted(ACCELERATORS)}.")
+    accelerator, devices = flags.FLAGS.accelerator, flags.FLAGS.devices
+    if accelerator and accelerator not in ACCELERATORS:
+        raise app.UsageError(f"--accelerator={accelerator!r}; choose from {sorted(ACCELERATORS)}.")
     # Before the backend starts: N host CPU devices stand in for the accelerators.
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-    if jax.device_count() != _DEVICES.value:
-        sys.exit(f"JAX started with {jax.device_count()} devices, not --devices={_DEVICES.value}; run the plan in a "
+    jax.config.update("jax_num_cpu_devices", devices)
+    if jax.device_count() != devices:
+        sys.exit(f"JAX started with {jax.device_count()} devices, not --devices={devices}; run the plan in a "
                  "fresh process without XLA_FLAGS=--xla_force_host_platform_device_count.")
-    print(format_plan(make_plan(_CONFIG.value, _ACCELERATOR.value)))
+    print(format_plan(make_plan(flags.FLAGS.config, accelerator)))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
