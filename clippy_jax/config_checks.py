@@ -78,6 +78,9 @@ def _check_data(root: ml_collections.ConfigDict) -> None:
         _fail("data.crop", data.crop, "is not a crop", f"choose one of {pipeline.CROPS}")
     size = _integer(root, "data.image_size", 1)
     patch = _integer(root, "data.patch_size", 1)
+    if patch != root.model.image.patch_size:
+        _fail("data.patch_size", patch, f"differs from config.model.image.patch_size={root.model.image.patch_size}",
+              "set both to the same value (the pipeline cuts the patches the ViT embeds)")
     stride = root.model.image.get("patch_stride") or patch  # 0 / None: patches side by side
     if not 1 <= stride <= patch:
         _fail("model.image.patch_stride", stride, f"must be in [1, {patch}] (the patch size)",
@@ -133,10 +136,6 @@ def _check_model(root: ml_collections.ConfigDict) -> None:
     _integer(root, "model.text.vocab_size", 0, "pass 0 (the tokenizer's size) or the embedding table's size")
     _integer(root, "model.embed_dim", 1)
     _real(root, "model.temperature_init", 0.0, low_open=True)
-    if root.data.patch_size != image.patch_size:
-        _fail("data.patch_size", root.data.patch_size,
-              f"differs from config.model.image.patch_size={image.patch_size}",
-              "set both to the same value (the pipeline cuts the patches the ViT embeds)")
     grid = image.get("posemb_grid")
     if grid is not None and (len(grid) != 2 or min(grid) < 1):
         _fail("model.image.posemb_grid", tuple(grid), "is not two positive sizes", "pass (rows, columns)")

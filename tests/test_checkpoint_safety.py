@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from clippy_jax.data import pipeline
 from tests.helpers import run_main
 
 NO_EVAL = "--config.eval.evaluators=()"
@@ -38,7 +39,7 @@ def test_an_unreadable_latest_step_falls_back_to_the_step_before(tiny_run, tmp_p
     if damage == "state_metadata":
         os.remove(os.path.join(step_dir, "default", "_METADATA"))
     else:
-        path = os.path.join(workdir, "checkpoints", "data", "10", "process_0", "iterator.data-00000-of-00001")
+        path = os.path.join(workdir, "checkpoints", "data", "10", "process_0", pipeline.STATE_FILE)
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
     result = run_main(workdir, "--config.train.steps=12", "--config.train.checkpoint_every=4",
