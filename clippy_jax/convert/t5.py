@@ -160,7 +160,9 @@ def _sentence_transformers_modules(folder: str) -> tuple[str, str | None, str | 
     found = dict(encoder=[], pooling=[], dense=[])
     modules_json = os.path.join(folder, "modules.json")
     if os.path.exists(modules_json):
-        for module in read_json(modules_json):
+        with open(modules_json) as f:
+            modules = json.load(f)  # a list of {"path", "type"}
+        for module in modules:
             kind = module["type"].rsplit(".", 1)[-1]
             if kind not in SENTENCE_TRANSFORMERS_MODULES:
                 raise ConvertError(f"{modules_json}: unsupported module type {module['type']!r}; supported: "
