@@ -25,13 +25,13 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
+from clippy_jax import sharding  # noqa: E402
 from clippy_jax.data.eval_datasets.voc import VOC_CLASS_NAMES  # noqa: E402
 from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from clippy_jax.evaluate import engine, grouping, segmentation, zero_shot  # noqa: E402
 from clippy_jax.evaluate.geometry import Geometry  # noqa: E402
 from clippy_jax.models.two_tower import TwoTower  # noqa: E402
 from clippy_jax.models.vit import vit_config  # noqa: E402
-from clippy_jax.train import sharding  # noqa: E402
 
 _IMAGES = flags.DEFINE_integer("images", 16, "Timed images per setting.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Evaluation batch size (windows per device step).")

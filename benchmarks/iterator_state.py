@@ -25,6 +25,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from anywhere
 from clippy_jax.data import demo_data, pipeline, writers  # noqa: E402
 from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from clippy_jax.models import tower_kwargs  # noqa: E402
+from clippy_jax.models.vit import patch_geometry  # noqa: E402
 
 _SETTING = flags.DEFINE_enum("setting", "paper", ["tiny", "demo", "paper"], "Data settings to measure.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/clippy_iterator_state", "Where the shards are written.")
@@ -62,21 +64,23 @@ def paper_data(directory: str) -> tuple[ml_collections.ConfigDict, int, float]:
         mean_bytes = float(f.read())
     config = ml_collections.ConfigDict(dict(
         source="img2dataset_tfrecord", train_pattern=os.path.join(directory, "*.tfrecord"), image_key="jpg",
-        text_key="txt", crop="random", image_size=448, patch_size=16, keep_ratio=0.2, keep_patches=0,
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), max_text_length=64, shuffle_buffer=20_000,
-        interleave=16, prefetch=4, tokenizer_path=os.path.join(directory, "tokenizer.model"),
+        text_key="txt", tfds_name="", tfds_data_dir="", tfds_split="train", crop="random", image_size=448,
+        keep_ratio=0.2, keep_patches=0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), max_text_length=64,
+        shuffle_buffer=20_000, interleave=16, prefetch=4, tokenizer_path=os.path.join(directory, "tokenizer.model"),
+        max_input_wait_seconds=900.0, max_consecutive_skips=10_000,
     ))  # configs/paper.py's data settings
-    return config, 256, mean_bytes
+    return config, (16, 16), 256, mean_bytes  # ViT-B/16's patches
 
 
-def demo_settings(size: str, directory: str) -> tuple[ml_collections.ConfigDict, int, float]:
+def demo_settings(size: str, directory: str) -> tuple[ml_collections.ConfigDict, tuple[int, int], int, float]:
     spec = importlib.util.spec_from_file_location(
         "demo", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(f"size={size}")
     config.data.synthetic.directory = os.path.join(directory, f"demo_{size}")
-    return demo_data.prepare_data(config, directory), config.train.batch_size, float("nan")
+    geometry = patch_geometry(tower_kwargs(config.model.image, config.model.text)[0])
+    return demo_data.prepare_data(config, directory), geometry, config.train.batch_size, float("nan")
 
 
 def _directory_bytes(directory: str) -> int:
@@ -88,11 +92,11 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], "GPU")
     directory = _DATA_DIR.value
     if _SETTING.value == "paper":
-        config, batch, mean_bytes = paper_data(os.path.join(directory, "paper"))
+        config, geometry, batch, mean_bytes = paper_data(os.path.join(directory, "paper"))
     else:
-        config, batch, mean_bytes = demo_settings(_SETTING.value, directory)
+        config, geometry, batch, mean_bytes = demo_settings(_SETTING.value, directory)
     tokenizer = Tokenizer(config.tokenizer_path, config.max_text_length)
-    iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, batch, seed=0))
+    iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, batch, patch_geometry=geometry, seed=0))
     start = time.perf_counter()
     for _ in range(_TAKEN.value):
         next(iterator)
@@ -104,7 +108,7 @@ def main(argv: list[str]) -> None:
     save_seconds = time.perf_counter() - start
     state_bytes = _directory_bytes(state_dir)
     expected = next(iterator)
-    restored = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, batch, seed=0))
+    restored = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, batch, patch_geometry=geometry, seed=0))
     start = time.perf_counter()
     restored.restore(state_dir)
     got = next(restored)

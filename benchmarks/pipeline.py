@@ -34,6 +34,7 @@ _THREADS = flags.DEFINE_integer("threads", 1, "tf.data private thread-pool size.
 
 NUM_SHARDS = 8
 WARMUP_BATCHES = 3
+PATCH_GEOMETRY = (16, 16)  # ViT-B/16: (patch size, stride)
 # (label, image_size, keep_ratio)
 SETTINGS = [("224", 224, 1.0), ("448, keep 20%", 448, 0.2)]
 FORMATS = [("img2dataset_tfrecord", "tfrecord"), ("webdataset", "tar")]
@@ -83,7 +84,8 @@ def _throughput(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tupl
     options = tf.data.Options()
     options.threading.private_threadpool_size = _THREADS.value
     options.threading.max_intra_op_parallelism = 1
-    dataset = pipeline.train_dataset(config, tokenizer, _BATCH_SIZE.value, seed=0).with_options(options)
+    dataset = pipeline.train_dataset(config, tokenizer, _BATCH_SIZE.value, patch_geometry=PATCH_GEOMETRY, seed=0)
+    dataset = dataset.with_options(options)
     iterator = iter(dataset)
     for _ in range(WARMUP_BATCHES):
         next(iterator)
@@ -109,9 +111,10 @@ def main(argv: list[str]) -> None:
         for label, image_size, keep_ratio in SETTINGS:
             config = ml_collections.ConfigDict(dict(
                 source=source, train_pattern=os.path.join(directory, f"*.{extension}"), image_key="jpg",
-                text_key="txt", crop="random", image_size=image_size, patch_size=16, keep_ratio=keep_ratio,
-                keep_patches=0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), shuffle_buffer=1000,
-                interleave=NUM_SHARDS, prefetch=2,
+                text_key="txt", tfds_name="", tfds_data_dir="", tfds_split="train", crop="random",
+                image_size=image_size, keep_ratio=keep_ratio, keep_patches=0, mean=(0.5, 0.5, 0.5),
+                std=(0.25, 0.25, 0.25), shuffle_buffer=1000, interleave=NUM_SHARDS, prefetch=2,
+                max_input_wait_seconds=300.0, max_consecutive_skips=10_000,
             ))
             wall, cpu = _throughput(config, tokenizer)
             print(f"| {source} | {label} | {wall:.0f} | {cpu:.0f} |", flush=True)

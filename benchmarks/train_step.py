@@ -130,8 +130,9 @@ def run_jax(preset: Preset, batch_size: int, steps: int, warmup: int, remat: str
     import jax
     import ml_collections
 
+    from clippy_jax import sharding
     from clippy_jax.models import build_model
-    from clippy_jax.train import perf, sharding
+    from clippy_jax.train import perf
     from clippy_jax.train.optimizer import make_optimizer
     from clippy_jax.train.step import batch_spec, create_train_state, make_train_step
 

@@ -14,7 +14,7 @@ from clippy_jax.data import eval_datasets, pipeline, sources
 from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
-from clippy_jax.train.sharding import mesh_shape
+from clippy_jax.sharding import mesh_shape
 
 # Evaluators that read the held-out split of `data.eval_pattern` (written by the demo for source=synthetic).
 EVAL_PATTERN_EVALUATORS = ("synthetic_segmentation",)
@@ -76,17 +76,18 @@ def _check_data(root: ml_collections.ConfigDict) -> None:
     sources.parse_text_keys(data.text_key)
     if data.crop not in pipeline.CROPS:
         _fail("data.crop", data.crop, "is not a crop", f"choose one of {pipeline.CROPS}")
+    if "patch_size" in data or "patch_stride" in data:
+        key = "patch_size" if "patch_size" in data else "patch_stride"
+        _fail(f"data.{key}", data[key], "is not a data setting: the pipeline cuts the patches the ViT embeds",
+              f"set config.model.image.{key} only (it is read by the pipeline and the model)")
     size = _integer(root, "data.image_size", 1)
-    patch = _integer(root, "data.patch_size", 1)
-    if patch != root.model.image.patch_size:
-        _fail("data.patch_size", patch, f"differs from config.model.image.patch_size={root.model.image.patch_size}",
-              "set both to the same value (the pipeline cuts the patches the ViT embeds)")
+    patch = _integer(root, "model.image.patch_size", 1)
     stride = root.model.image.get("patch_stride") or patch  # 0 / None: patches side by side
     if not 1 <= stride <= patch:
         _fail("model.image.patch_stride", stride, f"must be in [1, {patch}] (the patch size)",
               "pass a smaller stride for overlapping patches, or 0 for patches side by side")
     if stride == patch and size % patch:
-        _fail("data.image_size", size, f"is not a multiple of config.data.patch_size={patch}",
+        _fail("data.image_size", size, f"is not a multiple of config.model.image.patch_size={patch}",
               f"use a multiple of {patch}")
     if size < patch or (size - patch) % stride:
         _fail("data.image_size", size, f"is not covered by {patch}-pixel patches {stride} pixels apart "
@@ -217,10 +218,9 @@ def _check_init(init: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
     """Raises ConfigError for settings that would fail (or silently misbehave) later."""
-    root = ml_collections.ConfigDict(config.to_dict())  # with data defaults and model presets expanded
-    root.data = pipeline.with_defaults(config.data)
-    root.model.image, root.model.text = tower_kwargs(config.model.image, config.model.text)
+    root = ml_collections.ConfigDict(config.to_dict())  # with the model presets expanded
     try:
+        root.model.image, root.model.text = tower_kwargs(config.model.image, config.model.text)
         _integer(root, "seed", 0)
         _check_data(root)
         _check_model(root)
@@ -232,6 +232,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise
     except ValueError as error:  # the registries' and the mesh's own checks name their setting
         raise ConfigError(str(error)) from None
+    except (AttributeError, KeyError) as error:  # a locked ConfigDict names the missing key
+        raise ConfigError(f"The config lacks a setting ({error}); the configs in configs/ list every setting, "
+                          "start from one of them.") from None
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer_size: int) -> None:
@@ -246,7 +249,7 @@ def check_vocab(config: ml_collections.ConfigDict, tokenizer_size: int) -> None:
 # Settings a resumed run must share with the run that wrote the workdir's checkpoints: they shape the
 # parameters and optimiser state, or the input iterator state.
 RESUME_FIXED = ("seed", "model.", "optim.grad_accum_steps", "train.batch_size", "data.source", "data.image_size",
-                "data.patch_size", "data.keep_ratio", "data.keep_patches", "data.max_text_length",
+                "data.keep_ratio", "data.keep_patches", "data.max_text_length",
                 "data.shuffle_buffer", "data.interleave", "data.prefetch")
 # Settings whose change is reported but allowed (e.g. a lower learning rate after a divergence).
 RESUME_REPORTED = ("optim.", "data.")

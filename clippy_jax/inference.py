@@ -42,11 +42,11 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.evaluate import checkpoints, geometry, grouping, zero_shot
+from clippy_jax.evaluate import geometry, grouping, loading, zero_shot
+from clippy_jax.evaluate.geometry import CLIP_MEAN, CLIP_STD
 from clippy_jax.evaluate.render import classification_figure, labelled_overlay, palette
+from clippy_jax.models import vit
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CONVERTED_IMAGE_SIZE = 448  # the released CLIPpy checkpoints' evaluation resolution (paper Sec. 4)
 MAX_ASPECT_RATIO = 8.0
 DEFAULT_MAX_BYTES = 2 << 30
@@ -170,7 +170,7 @@ class Clippy:
                  stride: int = 0, max_bytes: int = DEFAULT_MAX_BYTES):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.mean, self.std = tuple(mean), tuple(std)
-        self.patch_size = zero_shot.patch_size(model)
+        self.patch_size, _ = vit.patch_geometry(model.image)
         if image_size < self.patch_size:
             raise ValueError(f"image_size={image_size} is below the patch size {self.patch_size}.")
         self.image_size, self.window, self.stride = image_size, window, stride or window * 2 // 3
@@ -186,14 +186,14 @@ class Clippy:
              mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, max_text_length: int = 64,
              image_size: int = 0, **settings) -> "Clippy":
         """From a training workdir / checkpoint or a converted checkpoint directory (reads only; writes
-        nothing). A training workdir brings its training config (`<workdir>/config.json`), whose data
+        nothing). A training workdir brings the config recorded with its checkpoint, whose data
         settings replace mean / std / text length and give the default `image_size`; `model_config`
         (e.g. "configs/demo.py:size=tiny") replaces that config. `settings`: window, stride, max_bytes."""
         config = ml_collections.ConfigDict(dict(
             init_from=checkpoint_dir, model_config=model_config, tokenizer_path=tokenizer_path,
             data=dict(mean=tuple(mean), std=tuple(std), tokenizer_path="", max_text_length=max_text_length),
         ))
-        loaded = checkpoints.load(config)
+        loaded = loading.load(config)
         image_size = image_size or loaded.data_config.get("image_size", CONVERTED_IMAGE_SIZE)
         return cls(loaded.model, loaded.params, loaded.tokenizer, loaded.data_config.mean, loaded.data_config.std,
                    image_size=image_size, **settings)

@@ -24,13 +24,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from clippy_jax import sharding
 from clippy_jax.data.preprocess import kept_patch_count
-from clippy_jax.models import build_model
-from clippy_jax.train import perf, sharding
+from clippy_jax.models import TwoTower, build_model
+from clippy_jax.models.t5 import T5_VOCAB_SIZE
+from clippy_jax.models.vit import patch_geometry, patch_grid
+from clippy_jax.train import perf
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import abstract_train_state, make_train_step
 
-T5_VOCAB_SIZE = 32128
 GB = 1e9
 _LISTED = 12  # collectives listed one by one
 
@@ -196,11 +198,11 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the pipeline produces for `config` (see `data/pipeline.py`)."""
+def batch_shapes(config: ml_collections.ConfigDict, model: TwoTower) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the pipeline produces for `config` and its `model` (see `data/pipeline.py`)."""
     data, batch = config.data, config.train.batch_size
-    patch = config.model.image.patch_size
-    keep = kept_patch_count(data.image_size, patch, data.get("keep_ratio"), data.get("keep_patches"))
+    patch, stride = patch_geometry(model.image)
+    keep = kept_patch_count(data.image_size, patch, data.keep_ratio, data.keep_patches, stride)
     shapes = dict(tokens=jax.ShapeDtypeStruct((batch, data.max_text_length), jnp.int32))
     if keep is None:
         shapes["image"] = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), jnp.float32)
@@ -216,10 +218,10 @@ def make_plan(config: ml_collections.ConfigDict, accelerator: str = "") -> dict:
     model = build_model(config.model, vocab)
     mesh = sharding.make_mesh(config.mesh)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    side = config.data.image_size // config.model.image.patch_size
-    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_shapes(config).items()}
-    state, state_shardings, _ = abstract_train_state(model, tx, example, mesh, config.seed, (side, side))
-    step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale, (side, side),
+    grid = patch_grid((config.data.image_size,) * 2, *patch_geometry(model.image))
+    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_shapes(config, model).items()}
+    state, state_shardings, _ = abstract_train_state(model, tx, example, mesh, config.seed, grid)
+    step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale, grid,
                            config.train.on_nonfinite == "skip", config.train.loss_block_size)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
              for k, v in example.items()}

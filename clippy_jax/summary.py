@@ -4,7 +4,7 @@
 
 Parameter counts come from `jax.eval_shape` (no memory is allocated, so ViT-B and T5-base are
 cheap); FLOPs from XLA's cost analysis of the compiled forward of one example (image encoder at
-`data.image_size`, and with the kept tokens of patch dropping when `data.keep_ratio` < 1; text
+`data.image_size`, and with the kept tokens of patch dropping (`data.keep_ratio`, `data.keep_patches`); text
 encoder at `data.max_text_length`). A converted timm ViT has `width` fewer parameters than timm
 reports: timm's cls position embedding is folded into our `cls` token.
 """
@@ -19,10 +19,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from clippy_jax.data import preprocess
 from clippy_jax.models import build_model
-from clippy_jax.models.vit import VisionTransformer, patch_grid
-
-T5_VOCAB_SIZE = 32128
+from clippy_jax.models.t5 import T5_VOCAB_SIZE
+from clippy_jax.models.vit import patch_geometry, patch_grid
+from clippy_jax.train import perf
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file.", lock_config=False)
 _VOCAB_SIZE = flags.DEFINE_integer(
@@ -37,10 +38,7 @@ def _count(tree) -> int:
 
 def _gflops(fn: Callable, *args) -> float:
     """GFLOPs of `fn` on abstract `args`, from XLA's cost analysis of the compiled computation."""
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(analysis, list | tuple):  # older jax returns one dict per computation
-        analysis = analysis[0]
-    return float(analysis["flops"]) / 1e9
+    return perf.compiled_flops(jax.jit(fn).lower(*args).compile()) / 1e9
 
 
 def summarize(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> dict[str, dict[str, float]]:
@@ -48,8 +46,8 @@ def summarize(config: ml_collections.ConfigDict, vocab_size: int | None = None) 
     if not config.model.text.get("vocab_size") and not vocab_size:
         vocab_size = config.data.get("synthetic", {}).get("vocab_size") or T5_VOCAB_SIZE
     model = build_model(config.model, vocab_size)
-    size, patch = config.data.image_size, model.image.get("patch_size", VisionTransformer.patch_size)
-    grid = patch_grid((size, size), patch, model.image.get("patch_stride"))
+    size, (patch, stride) = config.data.image_size, patch_geometry(model.image)
+    grid = patch_grid((size, size), patch, stride)
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     tokens = jax.ShapeDtypeStruct((1, config.data.max_text_length), jnp.int32)
     params = jax.eval_shape(lambda batch: nn.unbox(model.init(jax.random.key(0), batch)["params"]),
@@ -69,9 +67,8 @@ def summarize(config: ml_collections.ConfigDict, vocab_size: int | None = None) 
         f"image encoder, {size}x{size} ({grid[0] * grid[1]} tokens)": _gflops(encode_image, params, image),
         f"text encoder, {config.data.max_text_length} tokens": _gflops(encode_text, params, tokens),
     }
-    keep_ratio = config.data.get("keep_ratio", 1.0)
-    if keep_ratio < 1.0:
-        kept = max(1, round(keep_ratio * grid[0] * grid[1]))
+    kept = preprocess.kept_patch_count(size, patch, config.data.keep_ratio, config.data.keep_patches, stride)
+    if kept is not None:
         patches = jax.ShapeDtypeStruct((1, kept, patch * patch * 3), jnp.float32)
         indices = jax.ShapeDtypeStruct((1, kept), jnp.int32)
         gflops[f"image encoder, {kept} kept tokens (training)"] = _gflops(

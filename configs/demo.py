@@ -50,8 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         tfds_data_dir="",
         tfds_split="train",
         crop="random",  # random | center crop of the longer side
-        image_size=64,
-        patch_size=patch,
+        image_size=64,  # cut into the patches of config.model.image (patch_size, patch_stride)
         keep_ratio=1.0,  # the demo keeps every patch; the paper drops 80% at 2x resolution
         # stride < patch: keep the sequence length of the non-overlapping grid (paper appendix E)
         keep_patches=0 if stride == patch else (64 // patch) ** 2,
@@ -86,6 +85,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         ),
         image_pool=options["pool"],  # CLIPpy: spatial max (paper Sec. 3)
         text_pool="mean",  # paper appendix Tab. 8
+        pool_temperature=0.1,  # softmax temperature of the 'wmp' and 'tsp' heads (appendix Tab. 10)
+        project_image=True,  # bias-free dense layers into the joint space
+        project_text=True,
         embed_dim=128,
         temperature_init=0.07,
         dtype="float32",

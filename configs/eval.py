@@ -20,10 +20,7 @@ import os
 
 import ml_collections
 
-# CLIP's image normalisation (the released CLIPpy checkpoints use it); a training config given as
-# config.model_config brings its own.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from clippy_jax.evaluate.geometry import CLIP_MEAN, CLIP_STD
 
 GROUPS = {
     "segmentation": ("voc", "coco_object", "coco133", "ade20k", "cityscapes27"),
@@ -103,6 +100,7 @@ def get_config(arg: str = "voc") -> ml_collections.ConfigDict:
     config.init_from = ""  # training workdir / checkpoint step, or a converted checkpoint directory
     config.model_config = ""  # for training checkpoints: the training config, e.g. configs/demo.py:size=tiny
     config.tokenizer_path = ""  # overrides the tokenizer of the checkpoint / model config
+    # For converted checkpoints; a training checkpoint brings its own data settings.
     config.data = dict(mean=CLIP_MEAN, std=CLIP_STD, tokenizer_path="", max_text_length=64)
     config.mesh = dict(data=-1, fsdp=1, model=1)
     config.eval = dict(

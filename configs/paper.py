@@ -11,10 +11,6 @@ import math
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-VIT_B16 = dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072)  # ViT-B/16 (appendix D.1)
-T5_BASE = dict(vocab_size=32128, embed_dim=768, depth=12, num_heads=12, head_dim=64, mlp_dim=3072,
-               activations=("relu",))  # T5-base encoder: 12 layers, 12 heads, 768 channels (appendix D.1)
-
 
 def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_collections.ConfigDict:
     """The recipe for a dataset of `num_examples` pairs trained for `epochs` epochs."""
@@ -29,8 +25,11 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         tokenizer_path=placeholder(str),  # required: T5's SentencePiece model (spiece.model)
         image_key="jpg,jpeg,png,webp",
         text_key="txt",
+        tfds_name="",  # source=tfds: a TFDS dataset name instead of the shards
+        tfds_data_dir="",
+        tfds_split="train",
+        crop="random",  # random | center crop of the longer side
         image_size=448,  # up to 2x the 224 resolution during training (appendix D.4)
-        patch_size=16,
         keep_ratio=0.2,  # randomly drop 80% of the visual tokens (appendix D.4)
         keep_patches=0,
         mean=(0.485, 0.456, 0.406),  # replace with `python -m clippy_jax.data.stats` (appendix C)
@@ -46,10 +45,15 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         # patch_stride < 16: overlapping patches (appendix E, "Patch Sub-Sampling"; the stride is not
         # stated), e.g. --config.model.image.patch_stride=8 --config.data.keep_patches=196 keeps the
         # sequence length of the 224 grid.
-        image=dict(**VIT_B16, patch_stride=16, posemb_grid=(14, 14), use_cls_token=True, remat="none"),
-        text=dict(**T5_BASE, remat="none"),
+        image=dict(variant="B/16", patch_stride=16, posemb_grid=(14, 14), use_cls_token=True,
+                   remat="none"),  # ViT-B/16 (appendix D.1)
+        # T5-base encoder (appendix D.1: 12 layers, 12 heads, 768 channels) with T5's 32k vocabulary
+        text=dict(size="base", variant="t5_1_0", vocab_size=32128, remat="none"),
         image_pool="max",  # CLIPpy's spatial max (Sec. 3)
         text_pool="mean",  # average pooling of tokens (appendix Tab. 8)
+        pool_temperature=0.1,  # softmax temperature of the 'wmp' and 'tsp' ablation heads (appendix Tab. 10)
+        project_image=True,
+        project_text=True,
         embed_dim=512,
         temperature_init=0.07,
         dtype="bfloat16",

@@ -109,7 +109,7 @@ def test_training_core_imports_without_tensorflow():
     code = (
         "import sys; sys.modules['tensorflow'] = None\n"
         "import clippy_jax.models, clippy_jax.models.two_tower, clippy_jax.train.loss, clippy_jax.train.optimizer\n"
-        "import clippy_jax.train.step, clippy_jax.train.sharding, clippy_jax.train.perf\n"
+        "import clippy_jax.train.step, clippy_jax.sharding, clippy_jax.train.perf\n"
         "assert 'tensorflow' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})

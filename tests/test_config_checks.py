@@ -50,15 +50,14 @@ def test_the_shipped_demo_configs_pass(arg):
     ({"data.interleave": 0}, "config.data.interleave=0 must be >= 1"),
     ({"data.shuffle_buffer": 0}, "config.data.shuffle_buffer=0 must be >= 1"),
     ({"data.max_text_length": 0}, "config.data.max_text_length=0 must be >= 2"),
-    ({"data.patch_size": 0, "model.image.patch_size": 0}, "config.data.patch_size=0 must be >= 1"),
+    ({"model.image.patch_size": 0}, "config.model.image.patch_size=0 must be >= 1"),
     ({"data.crop": "middle"}, "config.data.crop='middle' is not a crop"),
     # divisibility
     ({"model.image.num_heads": 3}, "config.model.image.num_heads=3 does not divide config.model.image.width=32"),
-    ({"data.image_size": 60}, "config.data.image_size=60 is not a multiple of config.data.patch_size=8"),
+    ({"data.image_size": 60}, "config.data.image_size=60 is not a multiple of config.model.image.patch_size=8"),
     ({"train.batch_size": 12}, "config.train.batch_size=12 is not divisible by the 8 data-parallel devices"),
     ({"train.loss_block_size": 3}, "config.train.loss_block_size=3 does not divide config.train.batch_size=16"),
     # consistency between settings
-    ({"data.patch_size": 16}, "config.data.patch_size=16 differs from config.model.image.patch_size=8"),
     ({"data.source": "webdataset", "data.train_pattern": "/x/*.tar", "data.tokenizer_path": "/x/spm.model"},
      "config.data.eval_pattern='' is empty but config.eval.evaluators names 'synthetic_segmentation'"),
     ({"data.source": "webdataset"}, "config.data.train_pattern='' is empty but data.source='webdataset'"),
@@ -91,3 +90,22 @@ def test_resume_names_each_changed_setting_with_both_values():
     config_checks.check_resume(config_checks.flatten(_with({"optim.learning_rate": 1e-4})), saved, "/w", 6, 10)
     with pytest.raises(config_checks.ConfigError, match="config.train.steps=5 is below the step 6 that /w"):
         config_checks.check_resume(saved, saved, "/w", workdir_step=6, steps=5)
+
+
+def test_a_config_without_a_setting_is_rejected_naming_it():
+    """Code reads settings without re-defaulting them: a config that lacks one fails at start-up."""
+    config = demo_config()
+    del config.data["max_consecutive_skips"]
+    with pytest.raises(config_checks.ConfigError, match="lacks a setting.*max_consecutive_skips"):
+        config_checks.validate(config, num_devices=8)
+
+
+def test_model_presets_pass_the_checks():
+    """`variant='B/16'` (and T5's `size`) expand before the checks, as in `build_model`."""
+    config = demo_config()
+    config.model.image = dict(variant="Ti/16", posemb_grid=(4, 4), use_cls_token=True)
+    config.data.image_size = 64
+    config_checks.validate(config, num_devices=8)
+    config.model.image.variant = "Q/16"
+    with pytest.raises(config_checks.ConfigError, match="Q/16"):
+        config_checks.validate(config, num_devices=8)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clippy_jax import sharding
 from clippy_jax.data.eval_datasets.voc import VOC_CLASS_NAMES
 from clippy_jax.evaluate import checkpoints, engine, geometry, grouping, segmentation, zero_shot
 from clippy_jax.evaluate.metrics import IGNORE_LABEL
-from clippy_jax.train import sharding
 from tests.helpers import REPO
 from tests.test_inference import _save_tiny
 

@@ -16,7 +16,7 @@ from PIL import Image
 from clippy_jax.data import pipeline, sources, writers
 from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from tests.helpers import run_main
-from tests.test_pipeline import data_config, decode_captions
+from tests.test_pipeline import GEOMETRY, data_config, decode_captions
 
 CAPTIONS = [f"a \"quoted\" photo\\ number {i}/{i} é 日本" for i in range(12)]
 
@@ -50,7 +50,7 @@ def tokenizer(tokenizer_path) -> Tokenizer:
 
 
 def _first_batch(config, tokenizer, **iterator_options) -> dict:
-    dataset = pipeline.train_dataset(config, tokenizer, 4, seed=0)
+    dataset = pipeline.train_dataset(config, tokenizer, 4, patch_geometry=GEOMETRY, seed=0)
     return next(pipeline.InputIterator(dataset, **iterator_options))
 
 
@@ -64,7 +64,8 @@ def test_no_readable_shard_fails_at_start_up_naming_the_pattern_and_fault(tmp_pa
     (tmp_path / name).write_bytes(content)
     pattern = str(tmp_path / "*")
     with pytest.raises(sources.DataError, match=f"train_pattern={re.escape(repr(pattern))}.*{re.escape(fault)}"):
-        pipeline.train_dataset(data_config(source="webdataset", train_pattern=pattern), tokenizer, 2, seed=0)
+        pipeline.train_dataset(data_config(source="webdataset", train_pattern=pattern), tokenizer, 2,
+                               patch_geometry=GEOMETRY, seed=0)
 
 
 def test_stray_files_are_named_in_the_log(tmp_path, tokenizer, caplog):
@@ -91,7 +92,7 @@ def test_a_key_the_shards_lack_fails_at_start_up_naming_what_they_hold(tmp_path,
                                                                                 else "caption"})
     start = time.monotonic()
     with pytest.raises(sources.DataError, match=f"config.data.{key}=.*'{found}'.*e.g. --config.data.{key}={found}"):
-        pipeline.train_dataset(config, tokenizer, 2, seed=0)
+        pipeline.train_dataset(config, tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
     assert time.monotonic() - start < 60
 
 
@@ -125,7 +126,7 @@ def test_a_json_field_can_be_the_caption(tmp_path, tokenizer):
     assert all("é" in c for c in captions)
     with pytest.raises(sources.DataError, match="have no field 'title'"):
         pipeline.train_dataset(data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar"),
-                                           text_key="json:title"), tokenizer, 2, seed=0)
+                                           text_key="json:title"), tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
 
 
 def test_undecodable_images_stop_the_run_after_the_wait_limit_with_the_counters(tmp_path, tokenizer):
@@ -152,7 +153,8 @@ def test_waiting_for_a_batch_can_be_cancelled(tmp_path, tokenizer):
     writers.write_tar(str(tmp_path / "00000.tar"),
                       [m for i in range(8) for m in writers.webdataset_members(f"{i:04d}", b"<html>404</html>", "x")])
     iterator = pipeline.InputIterator(pipeline.train_dataset(
-        data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar")), tokenizer, 2, seed=0))
+        data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar")), tokenizer, 2,
+        patch_geometry=GEOMETRY, seed=0))
     cancel = threading.Event()
     threading.Timer(1.0, cancel.set).start()
     start = time.monotonic()

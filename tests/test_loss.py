@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clippy_jax.sharding import BATCH_AXES, MESH_AXES
 from clippy_jax.train.loss import blocked_contrastive_loss, contrastive_loss
-from clippy_jax.train.sharding import BATCH_AXES, MESH_AXES
 
 
 def _reference(image: np.ndarray, text: np.ndarray, logit_scale: float, max_logit_scale: float) -> float:

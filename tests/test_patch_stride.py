@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from clippy_jax import config_checks
-from clippy_jax.data import demo_data, preprocess
-from clippy_jax.evaluate import checkpoints, zero_shot
+from clippy_jax.data import preprocess
+from clippy_jax.evaluate import loading, zero_shot
 from clippy_jax.models import build_model
-from clippy_jax.train.loop import _grid_shape
+from clippy_jax.models.vit import patch_geometry, patch_grid
 from tests.helpers import REPO
 
 
 def _demo(arg: str = ""):
-    return checkpoints.load_config_file(os.path.join(REPO, f"configs/demo.py:size=tiny{arg}"))
+    return loading.load_config_file(os.path.join(REPO, f"configs/demo.py:size=tiny{arg}"))
 
 
 @pytest.mark.parametrize("shape, grid", [((224, 224), (27, 27)), ((224, 320), (27, 39))])
@@ -33,21 +33,20 @@ def test_dense_maps_follow_the_stride(shape, grid):
     np.testing.assert_allclose(np.linalg.norm(dense, axis=-1), 1.0, atol=1e-5)
 
 
-def test_demo_stride_variant_keeps_the_sequence_length(tmp_path):
+def test_demo_stride_variant_keeps_the_sequence_length():
+    """The geometry the train step and the pipeline read (`patch_geometry` of the model) follows the stride."""
     config = _demo(",stride=4")
     assert (config.model.image.patch_stride, config.data.keep_patches) == (4, 64)
-    assert _grid_shape(config) == (15, 15)  # (64 - 8) / 4 + 1
-    assert _grid_shape(_demo()) == (8, 8)
-    config.data.synthetic.update(directory=str(tmp_path), train_examples=4, eval_examples=2, train_shards=1,
-                                 vocab_size=40)
-    data = demo_data.prepare_data(config, str(tmp_path))
-    assert data.patch_stride == 4  # what the pipeline's patch sub-sampling reads
-    assert preprocess.kept_patch_count(data.image_size, data.patch_size, data.keep_ratio, data.keep_patches,
-                                       data.patch_stride) == 64
+    geometry = patch_geometry(build_model(config.model, vocab_size=64).image)
+    assert geometry == (8, 4)
+    assert patch_grid((64, 64), *geometry) == (15, 15)  # (64 - 8) / 4 + 1
+    assert patch_grid((64, 64), *patch_geometry(build_model(_demo().model, vocab_size=64).image)) == (8, 8)
+    data = config.data
+    assert preprocess.kept_patch_count(data.image_size, *geometry[:1], data.keep_ratio, data.keep_patches,
+                                       geometry[1]) == 64
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("data.patch_size", 4, "config.data.patch_size=4 differs from config.model.image.patch_size=8"),
     ("model.image.patch_stride", 9, "patch_stride=9 must be in"),
     ("model.image.patch_stride", 5, "image_size=64 is not covered by 8-pixel patches 5 pixels apart"),
 ])
@@ -55,4 +54,14 @@ def test_patch_settings_are_checked_at_start_up(key, value, message):
     config = _demo()
     config.update_from_flattened_dict({key: value})
     with pytest.raises(ValueError, match=message):
+        config_checks.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("key", ["patch_size", "patch_stride"])
+def test_a_patch_setting_in_the_data_section_fails_at_start_up_naming_the_model_setting(key):
+    """The patches are set once, in config.model.image; a data copy that could disagree is refused."""
+    config = _demo()
+    config.data[key] = 16
+    with pytest.raises(config_checks.ConfigError,
+                       match=rf"config.data.{key}=16 is not a data setting.*set config.model.image.{key} only"):
         config_checks.validate(config, num_devices=1)

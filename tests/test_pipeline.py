@@ -21,6 +21,7 @@ from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece
 
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 SIZE, PATCH = 16, 4
+GEOMETRY = (PATCH, PATCH)  # (patch size, stride) of the model, for patch dropping
 UNDECODABLE, MISSING, EMPTY = {2, 14}, {25}, {5, 17}
 TRUNCATED_AFTER = 34  # shard 3 holds 30..35 and is cut inside example 34
 USABLE = sorted(set(range(34)) - UNDECODABLE - MISSING - EMPTY)
@@ -96,8 +97,8 @@ def shards(request, tmp_path_factory) -> ml_collections.ConfigDict:
 def data_config(**overrides) -> ml_collections.ConfigDict:
     config = dict(source="img2dataset_tfrecord", train_pattern="", image_key="jpg,png", text_key="txt",
                   tfds_name="", tfds_data_dir="", tfds_split="train", crop="random", image_size=SIZE,
-                  patch_size=PATCH, keep_ratio=1.0, keep_patches=0, mean=MEAN, std=STD, shuffle_buffer=8,
-                  interleave=2, prefetch=2)
+                  keep_ratio=1.0, keep_patches=0, mean=MEAN, std=STD, shuffle_buffer=8, interleave=2, prefetch=2,
+                  max_input_wait_seconds=300.0, max_consecutive_skips=10_000)
     return ml_collections.ConfigDict({**config, **overrides})
 
 
@@ -139,7 +140,7 @@ def _expected_stream(config, tokenizer, seed: int, count: int) -> tuple[list[str
 
 def test_batches_hold_the_usable_examples_in_order_with_their_skip_counters(shards, tokenizer):
     batch, steps = 4, 16  # 64 examples: more than two passes
-    iterator = pipeline.InputIterator(pipeline.train_dataset(shards, tokenizer, batch, seed=3))
+    iterator = pipeline.InputIterator(pipeline.train_dataset(shards, tokenizer, batch, patch_geometry=GEOMETRY, seed=3))
     captions, counters = [], []
     for _ in range(steps):
         captions += decode_captions(tokenizer, next(iterator)["tokens"])
@@ -154,7 +155,7 @@ def test_batches_hold_the_usable_examples_in_order_with_their_skip_counters(shar
 
 def test_each_pass_without_shuffling_holds_every_usable_example_once(shards, tokenizer):
     config = data_config(**{**shards.to_dict(), "shuffle_buffer": 1, "interleave": 1})
-    iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 1, seed=0))
+    iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 1, patch_geometry=GEOMETRY, seed=0))
     counters = []
     for _ in range(2):
         captions = [decode_captions(tokenizer, next(iterator)["tokens"])[0] for _ in range(len(USABLE))]
@@ -174,10 +175,10 @@ def _reference_image(index: int) -> np.ndarray:
 @pytest.mark.parametrize("keep_patches, stride", [(0, PATCH), (7, PATCH), (20, PATCH // 2)])
 def test_center_crop_normalisation_and_kept_patches(shards, tokenizer, keep_patches, stride):
     """Kept patches are the windows of the normalised crop at their grid positions, `stride` pixels
-    apart (the model's patch_stride, which `demo_data.prepare_data` copies into the data config)."""
-    config = data_config(**{**shards.to_dict(), "crop": "center", "keep_patches": keep_patches,
-                            "patch_stride": stride})
-    batch = next(pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 8, seed=0)))
+    apart (the model's patch_stride)."""
+    config = data_config(**{**shards.to_dict(), "crop": "center", "keep_patches": keep_patches})
+    batch = next(pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 8, patch_geometry=(PATCH, stride),
+                                                               seed=0)))
     indices = [int(c.split()[-1]) for c in decode_captions(tokenizer, batch["tokens"])]
     assert batch["tokens"].shape == (8, 16) and batch["tokens"].dtype == np.int32
     for row, index in enumerate(indices):
@@ -198,7 +199,7 @@ def test_center_crop_normalisation_and_kept_patches(shards, tokenizer, keep_patc
 
 def test_random_crops_vary_and_the_stream_is_a_function_of_the_seed(shards, tokenizer):
     def batches(seed: int) -> list[dict]:
-        return take(pipeline.InputIterator(pipeline.train_dataset(shards, tokenizer, 4, seed=seed)), 3)
+        return take(pipeline.InputIterator(pipeline.train_dataset(shards, tokenizer, 4, patch_geometry=GEOMETRY, seed=seed)), 3)
 
     first, again, other = batches(5), batches(5), batches(6)
     for a, b in zip(first, again):
@@ -212,7 +213,7 @@ def test_processes_read_disjoint_shards(shards, tokenizer):
     for index in range(2):
         stream = sources.examples(shards, seed=0, process_index=index, process_count=2, epochs=1)
         per_process.append({e["captions"][0] for e in stream.as_numpy_iterator() if e["status"] == sources.OK})
-        dataset = pipeline.train_dataset(shards, tokenizer, 2, seed=0, process_index=index, process_count=2)
+        dataset = pipeline.train_dataset(shards, tokenizer, 2, patch_geometry=GEOMETRY, seed=0, process_index=index, process_count=2)
         captions = decode_captions(tokenizer, next(pipeline.InputIterator(dataset))["tokens"])
         assert {c.encode() for c in captions} <= per_process[-1]
     assert not per_process[0] & per_process[1]
@@ -221,12 +222,12 @@ def test_processes_read_disjoint_shards(shards, tokenizer):
 
 def test_restored_iterator_continues_mid_epoch_with_its_counters(shards, tokenizer, tmp_path):
     config = data_config(**{**shards.to_dict(), "keep_patches": 5})
-    iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, seed=1))
+    iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, patch_geometry=GEOMETRY, seed=1))
     take(iterator, 3)  # 12 of the 29 examples of the first pass
     iterator.save(str(tmp_path))
     saved_counters = iterator.counters()
     expected = take(iterator, 6)
-    restored = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, seed=1))
+    restored = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, patch_geometry=GEOMETRY, seed=1))
     restored.restore(str(tmp_path))
     assert restored.counters() == saved_counters
     for want, got in zip(expected, take(restored, 6)):
@@ -238,10 +239,10 @@ def test_restored_iterator_continues_mid_epoch_with_its_counters(shards, tokeniz
 
 def test_unknown_source_and_empty_pattern_fail_naming_them(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="source='laion'"):
-        pipeline.train_dataset(data_config(source="laion"), tokenizer, 2, seed=0)
+        pipeline.train_dataset(data_config(source="laion"), tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
     pattern = str(tmp_path / "nothing-*.tar")
     with pytest.raises(FileNotFoundError, match="nothing-"):
-        pipeline.train_dataset(data_config(source="webdataset", train_pattern=pattern), tokenizer, 2, seed=0)
+        pipeline.train_dataset(data_config(source="webdataset", train_pattern=pattern), tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
 
 
 @pytest.mark.parametrize("data_format", ["tfrecord", "tar"])
@@ -252,7 +253,7 @@ def test_a_shard_cut_after_start_up_is_counted_or_stops_the_run_but_never_hangs(
     _write_shards(directory, data_format)
     source = "img2dataset_tfrecord" if data_format == "tfrecord" else "webdataset"
     config = data_config(source=source, train_pattern=os.path.join(directory, f"train-0000[01].{data_format}"))
-    dataset = pipeline.train_dataset(config, tokenizer, 2, seed=0)
+    dataset = pipeline.train_dataset(config, tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
     path = os.path.join(directory, f"train-00001.{data_format}")
     with open(path, "rb") as f:
         data = f.read()
@@ -300,7 +301,7 @@ def test_iterator_state_does_not_grow_with_the_shuffle_buffer(shards, tokenizer,
     sizes = {}
     for shuffle_buffer in (4, 256):
         config = data_config(**{**shards.to_dict(), "shuffle_buffer": shuffle_buffer})
-        iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, seed=0))
+        iterator = pipeline.InputIterator(pipeline.train_dataset(config, tokenizer, 4, patch_geometry=GEOMETRY, seed=0))
         take(iterator, 3)
         directory = tmp_path / str(shuffle_buffer)
         iterator.save(str(directory))

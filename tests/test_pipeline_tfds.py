@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from clippy_jax.data import pipeline, sources
-from tests.test_pipeline import data_config, decode_captions, tokenizer  # noqa: F401 (fixture)
+from tests.test_pipeline import GEOMETRY, data_config, decode_captions, tokenizer  # noqa: F401 (fixture)
 
 NUM_EXAMPLES = 12
 NO_CAPTION = 7  # this example's captions are all empty
@@ -46,7 +46,7 @@ def tfds_config(tmp_path_factory):
 
 
 def test_one_caption_is_drawn_per_pass_and_empty_ones_are_skipped(tfds_config, tokenizer):  # noqa: F811
-    iterator = pipeline.InputIterator(pipeline.train_dataset(tfds_config, tokenizer, 11, seed=0))
+    iterator = pipeline.InputIterator(pipeline.train_dataset(tfds_config, tokenizer, 11, patch_geometry=GEOMETRY, seed=0))
     drawn = collections.defaultdict(set)
     for _ in range(8):  # 8 passes over the 11 usable examples
         for text in decode_captions(tokenizer, next(iterator)["tokens"]):

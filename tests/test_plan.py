@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from clippy_jax import plan
+from clippy_jax import plan, sharding
 from clippy_jax.models import build_model
-from clippy_jax.train import sharding
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import create_train_state
 from tests.helpers import REPO
@@ -56,7 +55,7 @@ def test_printed_state_bytes_equal_the_sharded_arrays_and_fsdp_has_collectives()
     tx, _ = make_optimizer(config.optim, config.train.steps)
     mesh = sharding.make_mesh(config.mesh)
     side = config.data.image_size // config.model.image.patch_size
-    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in plan.batch_shapes(config).items()}
+    example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in plan.batch_shapes(config, model).items()}
     state, _ = create_train_state(model, tx, example, mesh, config.seed, (side, side))
     assert _printed_bytes(result.stdout, "parameters") == _device_bytes(state.params)
     assert _printed_bytes(result.stdout, "optimiser state") == _device_bytes(state.opt_state)

@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+from clippy_jax import sharding
 from clippy_jax.models import build_model
-from clippy_jax.train import sharding
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import batch_spec, create_train_state, make_train_step
 from tests.helpers import REPO

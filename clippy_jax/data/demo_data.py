@@ -108,10 +108,8 @@ def load_eval_split(pattern: str) -> dict[str, np.ndarray]:
 
 
 def data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """The `data` section with concrete paths (for the synthetic demo, those of its data folder) and the
-    model's patch stride (`patch_stride`, for the pipeline's patch sub-sampling); writes nothing."""
+    """The `data` section with concrete paths (for the synthetic demo, those of its data folder); writes nothing."""
     data = ml_collections.ConfigDict(config.data.to_dict())
-    data.patch_stride = config.model.image.get("patch_stride") or 0
     if data.source == "synthetic":
         directory = data.synthetic.directory or os.path.join(workdir, "data")
         data.train_pattern = os.path.join(directory, "train-*.tfrecord")

@@ -66,9 +66,6 @@ _OPEN: "weakref.WeakSet[InputIterator]" = weakref.WeakSet()
 # train_dataset's result -> the function of a `Start` that makes the same batches with their skip
 # counters and positions (read by InputIterator).
 _WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, Callable]" = weakref.WeakKeyDictionary()
-# Data keys that configs written before them may lack.
-DEFAULTS = dict(crop="random", tfds_name="", tfds_data_dir="", tfds_split="train", patch_stride=0,
-                max_input_wait_seconds=300.0, max_consecutive_skips=10_000)
 # The start of the error the pipeline raises after `max_consecutive_skips` unusable records in a row.
 _SKIPS_MESSAGE = "consecutive records were skipped"
 # Seconds between checks of the caller's cancellation while waiting for a batch.
@@ -77,11 +74,6 @@ _POLL_SECONDS = 0.5
 
 class InputStalledError(RuntimeError):
     """No batch arrived in time, or too many records in a row were unusable."""
-
-
-def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The `data` config with `DEFAULTS` for the keys it lacks."""
-    return ml_collections.ConfigDict({**DEFAULTS, **config.to_dict()})
 
 
 def _decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -230,15 +222,16 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    *,
+    patch_geometry: tuple[int, int],
 ) -> tf.data.Dataset:
     """Endless batches {image [B, S, S, 3] | patches [B, K, p * p * 3], patch_indices [B, K]; tokens [B, L]}
-    of one process; `InputIterator` also reports their skip counters."""
-    config = with_defaults(config)
+    of one process; `InputIterator` also reports their skip counters. `patch_geometry`: the model's
+    (patch size, stride) (`clippy_jax.models.patch_geometry`), for patch dropping."""
     if config.crop not in CROPS:
         raise ValueError(f"config.data.crop={config.crop!r} must be one of {CROPS}.")
-    stride = config.patch_stride or config.patch_size  # `demo_data.prepare_data` copies model.image.patch_stride
-    keep = preprocess.kept_patch_count(config.image_size, config.patch_size, config.keep_ratio, config.keep_patches,
-                                       stride)
+    patch_size, stride = patch_geometry
+    keep = preprocess.kept_patch_count(config.image_size, patch_size, config.keep_ratio, config.keep_patches, stride)
     base_seed = tf.constant([seed, process_index], tf.int64)
 
     def prepare(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -252,7 +245,7 @@ def train_dataset(
         if keep is None:
             out["image"] = preprocess.normalize(image, config.mean, config.std)
         else:  # normalise only the kept patches
-            out.update(preprocess.drop_patches(image, config.patch_size, keep, drop_seed, stride))
+            out.update(preprocess.drop_patches(image, patch_size, keep, drop_seed, stride))
             out["patches"] = preprocess.normalize(out["patches"], config.mean, config.std)
         return out
 

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from clippy_jax.data import pipeline, preprocess, sources
+from clippy_jax.data import preprocess, sources
 
 
 def _moments(image: tf.Tensor) -> tf.Tensor:
@@ -30,7 +30,7 @@ def _moments(image: tf.Tensor) -> tf.Tensor:
 
 def compute(data_config: ml_collections.ConfigDict, num_examples: int, seed: int = 0) -> dict:
     """{mean, std (per channel, [0, 1] scale), examples} over up to `num_examples` usable examples."""
-    examples = sources.examples(pipeline.with_defaults(data_config), seed, epochs=1)
+    examples = sources.examples(data_config, seed, epochs=1)
     usable = examples.filter(lambda e: e["status"] == sources.OK)
     images = usable.map(lambda e: _moments(preprocess.decode_rgb(e["image"])),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()

@@ -2,8 +2,9 @@
 
     python -m clippy_jax.evaluate --config=configs/eval.py:voc --config.init_from=DIR --workdir=OUT
 
-`config.init_from` is a training workdir / checkpoint (with `--config.model_config=<training config>`)
-or a converted checkpoint (`python -m clippy_jax.convert`); see clippy_jax/evaluate/README.md. Results
+`config.init_from` is a training workdir / checkpoint step (which records its config; steps written
+before that need `--config.model_config=<training config>`) or a converted checkpoint (`python -m
+clippy_jax.convert`); see clippy_jax/evaluate/README.md. Results
 land in OUT: `results.json`, `results.md` and TensorBoard events (scalars, tables, overlays).
 """
 
@@ -19,9 +20,8 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clippy_jax import distributed, logs  # noqa: E402
-from clippy_jax.evaluate import checkpoints, runner  # noqa: E402
-from clippy_jax.train import sharding  # noqa: E402
+from clippy_jax import distributed, logs, sharding  # noqa: E402
+from clippy_jax.evaluate import loading, runner  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluation configuration file.",
                                           lock_config=True)
@@ -36,12 +36,12 @@ def main(argv: list[str]) -> None:
     distributed.initialize()
     config = _CONFIG.value
     workdir = _WORKDIR.value if _WORKDIR.value.startswith("gs://") else os.path.abspath(_WORKDIR.value)
-    loaded = checkpoints.load(config)
+    loaded = loading.load(config)
     logging.info("Evaluating %s (step %d) on %s.", config.init_from, loaded.step, ", ".join(config.eval.evaluators))
-    params = jax.device_put(loaded.params, sharding.replicated(sharding.make_mesh(config.mesh)))
+    mesh = sharding.make_mesh(config.mesh)
     writer = runner.create_writer(workdir)
-    runner.run_evaluations(config, loaded.model, params, loaded.tokenizer, loaded.data_config, writer, workdir,
-                           loaded.step)
+    evaluator = runner.Evaluator(config, loaded.model, loaded.tokenizer, loaded.data_config, mesh, writer, workdir)
+    evaluator(jax.device_put(loaded.params, sharding.replicated(mesh)), loaded.step)
     writer.close()
     logging.info("Results: %s; TensorBoard: tensorboard --logdir %s", os.path.join(workdir, "results.md"), workdir)
 

@@ -3,12 +3,13 @@ the mesh, and dense score maps brought back to label resolution.
 
 Each host reads its own subset of the split (examples i, i + P, i + 2P, ... on host i of P). Images
 become fixed-shape windows (`geometry.Geometry`); windows are batched `eval.batch_size` at a time
-over the mesh's batch axes (`clippy_jax.train.sharding`), and the outputs come back to the host
+over the mesh's batch axes (`clippy_jax.sharding`), and the outputs come back to the host
 that fed them. Hosts run the same number of device steps (short hosts feed padding), so the
 collectives of sharded parameters line up. Metrics are then merged over hosts
 (`metrics.merge_across_hosts`).
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -23,30 +24,57 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
+from clippy_jax import sharding
 from clippy_jax.data import eval_datasets
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import geometry, zero_shot
-from clippy_jax.train import sharding
+
+# The event JAX records for each XLA compilation (jax._src.dispatch.BACKEND_COMPILE_EVENT).
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def counting_compilations() -> Iterator[list[int]]:
+    """Counts XLA compilations in its block: `with counting_compilations() as count: ...; count[0]`."""
+    count = [0]
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        del duration, kwargs
+        count[0] += event == COMPILE_EVENT
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield count
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @dataclasses.dataclass
 class EvalContext:
-    """What evaluators need besides their own task settings.
+    """What evaluators need besides their own task settings. It lives as long as its model: the
+    compiled functions of its runners serve every evaluation, and `use_params` swaps the parameters
+    evaluated (e.g. at each periodic evaluation of a training run).
 
     Attributes:
       config: the whole config; evaluators read `config.eval` (batch_size, manual_dir, tfds_dir,
         max_examples, num_overlays, progress).
       data_config: the prepared `data` section (image mean / std; the demo's eval split).
+      params: the parameters evaluated now.
     """
 
     config: ml_collections.ConfigDict
     model: nn.Module
-    params: object
     tokenizer: Tokenizer
     data_config: ml_collections.ConfigDict
     mesh: Mesh
+    params: object = None
     _label_embeddings: dict = dataclasses.field(default_factory=dict)
     _runners: dict = dataclasses.field(default_factory=dict)
+
+    def use_params(self, params) -> None:
+        """Evaluates `params` from now on (the label embeddings of the previous ones are dropped)."""
+        self.params = params
+        self._label_embeddings.clear()
 
     def label_embeddings(self, prompts: Sequence[Sequence[str]], templates: Sequence[str] = ("{}",)) -> jax.Array:
         """`zero_shot.label_embeddings`, computed once per prompt set (e.g. for ImageNet and ImageNet-V2)."""

@@ -22,6 +22,9 @@ import jax
 import numpy as np
 import tensorflow as tf
 
+# CLIP's image normalisation, which the released CLIPpy checkpoints use.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:

@@ -8,6 +8,7 @@ dataset="voc2012_seg", input_size=(448, 448))`); otherwise the name is the evalu
 
 import json
 import os
+import time
 
 import flax.linen as nn
 import jax
@@ -16,10 +17,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 from clu import metric_writers
+from jax.sharding import Mesh
 
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import classification, engine, grouping, segmentation, waterbirds
-from clippy_jax.train import sharding
 
 EVALUATORS = {
     "synthetic_segmentation": segmentation.synthetic_segmentation,
@@ -55,36 +56,45 @@ def resolve_tasks(config: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
     return resolved
 
 
-def run_evaluations(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    params,
-    tokenizer: Tokenizer,
-    data_config: ml_collections.ConfigDict,
-    writer: metric_writers.MetricWriter,
-    workdir: str,
-    step: int,
-) -> dict:
-    """Runs `config.eval.evaluators`, logs them at `step` and writes the results files.
+class Evaluator:
+    """The evaluations of `config.eval.evaluators` for one model, built once (big_vision's evaluators):
+    calling it with parameters runs them all, logs them at a step and writes the results files. Its
+    compiled functions survive from call to call, so a periodic evaluation compiles only the first time.
+    """
 
-    Returns {name: summary} (the `evaluations` of `results.json`)."""
-    ctx = engine.EvalContext(config, model, params, tokenizer, data_config, sharding.make_mesh(config.mesh))
-    results = {}
-    sections = {}
-    for name, task in resolve_tasks(config):
-        result = EVALUATORS[task.kind](ctx, task)
-        writer.write_scalars(step, {f"{name}/{k}": v for k, v in result.scalars.items()})
-        if result.tables:
-            writer.write_texts(step, {f"{name}/{k}": v for k, v in result.tables.items()})
-        if result.overlays:
-            writer.write_images(step, {f"{name}/overlays": np.stack(_pad_to_same(result.overlays))})
-        results[name] = result.summary
-        sections[name] = result
-        logging.info("%s: %s", name, "; ".join(line.lstrip("- ") for line in result.headline))
-    writer.flush()
-    if jax.process_index() == 0:
-        write_results(workdir, dict(step=step, image_pool=model.image_pool, evaluations=results), sections)
-    return results
+    def __init__(self, config: ml_collections.ConfigDict, model: nn.Module, tokenizer: Tokenizer,
+                 data_config: ml_collections.ConfigDict, mesh: Mesh, writer: metric_writers.MetricWriter,
+                 workdir: str):
+        self.tasks = resolve_tasks(config)
+        self.context = engine.EvalContext(config, model, tokenizer, data_config, mesh)
+        self.writer, self.workdir = writer, workdir
+
+    def __call__(self, params, step: int) -> dict:
+        """Runs the evaluations of `params`; returns {name: summary} (the `evaluations` of `results.json`)."""
+        start = time.perf_counter()
+        self.context.use_params(params)
+        results, sections = {}, {}
+        # One mesh context for every call (jit caches are per context): the periodic evaluations inside the
+        # train loop's mesh and the final one after it reuse the same compilations.
+        with engine.counting_compilations() as compilations, jax.set_mesh(self.context.mesh):
+            for name, task in self.tasks:
+                result = EVALUATORS[task.kind](self.context, task)
+                self.writer.write_scalars(step, {f"{name}/{k}": v for k, v in result.scalars.items()})
+                if result.tables:
+                    self.writer.write_texts(step, {f"{name}/{k}": v for k, v in result.tables.items()})
+                if result.overlays:
+                    self.writer.write_images(step, {f"{name}/overlays": np.stack(_pad_to_same(result.overlays))})
+                results[name] = result.summary
+                sections[name] = result
+                logging.info("%s: %s", name, "; ".join(line.lstrip("- ") for line in result.headline))
+        seconds = time.perf_counter() - start
+        self.writer.write_scalars(step, {"eval/seconds": seconds, "eval/compilations": compilations[0]})
+        logging.info("Evaluated step %d in %.1f s (%d XLA compilations).", step, seconds, compilations[0])
+        self.writer.flush()
+        if jax.process_index() == 0:
+            write_results(self.workdir, dict(step=step, image_pool=self.context.model.image_pool,
+                                             evaluations=results), sections)
+        return results
 
 
 def _pad_to_same(images: list[np.ndarray]) -> list[np.ndarray]:

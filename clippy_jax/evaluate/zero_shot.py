@@ -13,7 +13,6 @@ from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.models import vit
 from clippy_jax.models.pooling import IMAGE_POOLS
 from clippy_jax.models.two_tower import l2_normalize, pair_similarity
-from clippy_jax.models.vit import VisionTransformer
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TEXT_BATCH_SIZE = 2048
@@ -51,13 +50,9 @@ def read_templates(name: str) -> tuple[str, ...]:
     return TEMPLATES[name] if name in TEMPLATES else tuple(read_lines(name))
 
 
-def patch_size(model: nn.Module) -> int:
-    return int(model.image.get("patch_size", VisionTransformer.patch_size))
-
-
 def patch_grid(model: nn.Module, image_shape: Sequence[int]) -> tuple[int, int]:
     """(gh, gw) of the model's patch grid (its patch size and stride) on an (H, W) image."""
-    return vit.patch_grid(image_shape, patch_size(model), model.image.get("patch_stride"))
+    return vit.patch_grid(image_shape, *vit.patch_geometry(model.image))
 
 
 def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence[str],

@@ -1,7 +1,7 @@
 """Building blocks shared by the image and text towers, with t5x parameter names and logical axes.
 
 Logical axis names follow t5x: `batch`, `length`, `embed`, `mlp`, `heads`, `kv`, `vocab`; the mesh
-rules in `clippy_jax.train.sharding` map them onto mesh axes.
+rules in `clippy_jax.sharding` map them onto mesh axes.
 """
 
 from collections.abc import Callable, Sequence

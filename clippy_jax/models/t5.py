@@ -14,6 +14,8 @@ import numpy as np
 
 from clippy_jax.models.layers import Dtype, dense_init, layer_norm, transformer_block
 
+# The embedding table of T5's SentencePiece vocabulary (32,000 pieces, padded to a multiple of 128).
+T5_VOCAB_SIZE = 32128
 # name: (embed, depth, num_heads, head_dim, mlp_dim) of the encoder: HF's t5-small/base/large configs
 # (d_model, num_layers, num_heads, d_kv, d_ff); 'tiny' is ours, for tests.
 T5_PRESETS: dict[str, tuple[int, int, int, int, int]] = {

@@ -12,7 +12,7 @@ attention/{query,key,value,out},pre_mlp_layer_norm,mlp/{wi,wo}}`, then `encoder_
 pooling, timm's `norm`) or `fc_norm` (norm after pooling, timm's `fc_norm` for avg/max pooling).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import einops
 import flax.linen as nn
@@ -45,6 +45,12 @@ def grid_size(length: int, patch_size: int, stride: int) -> int:
 def patch_grid(image_shape: Sequence[int], patch_size: int, stride: int | None = None) -> tuple[int, int]:
     """(gh, gw) of the patch grid of an (H, W) image; `stride` None: `patch_size`."""
     return tuple(grid_size(n, patch_size, stride or patch_size) for n in image_shape[:2])
+
+
+def patch_geometry(image: Mapping) -> tuple[int, int]:
+    """(patch size, stride) of the ViT built from tower settings `image` (presets expanded, e.g.
+    `TwoTower.image`): the one source of the geometry the pipeline cuts and the model embeds."""
+    return image["patch_size"], image.get("patch_stride") or image["patch_size"]
 
 
 def patchify(images: jax.Array, patch_size: int, stride: int | None = None) -> jax.Array:

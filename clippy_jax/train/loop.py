@@ -16,15 +16,14 @@ from absl import logging
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from clippy_jax import config_checks
+from clippy_jax import checkpoints, config_checks, sharding
 from clippy_jax.convert import load_pretrained, merge_pretrained
 from clippy_jax.data import demo_data, pipeline, sources
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.evaluate import checkpoints, runner
+from clippy_jax.evaluate import runner
 from clippy_jax.models import build_model
-from clippy_jax.models.vit import patch_grid
-from clippy_jax.train import perf, sharding
-from clippy_jax.train.checkpoint import Checkpointer
+from clippy_jax.models.vit import patch_geometry, patch_grid
+from clippy_jax.train import perf
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import batch_spec, create_train_state, make_train_step
 
@@ -91,11 +90,6 @@ def initialize_from_pretrained(params: dict, init: ml_collections.ConfigDict) ->
     return params
 
 
-def _grid_shape(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    image = config.model.image
-    return patch_grid((config.data.image_size,) * 2, image.patch_size, image.get("patch_stride"))
-
-
 def _check_finite(fetched: list[dict], first_step: int) -> None:
     for offset, metrics in enumerate(fetched):
         if metrics["nonfinite"]:
@@ -108,7 +102,7 @@ def _check_finite(fetched: list[dict], first_step: int) -> None:
 def _finished_results(workdir: str, total_steps: int) -> dict | None:
     """`results.json` of a run that trained all `total_steps` steps and was evaluated at the last one, else None."""
     path = os.path.join(workdir, "results.json")
-    if not tf.io.gfile.exists(path) or not tf.io.gfile.exists(os.path.join(workdir, "checkpoints", str(total_steps))):
+    if not tf.io.gfile.exists(path) or not tf.io.gfile.exists(checkpoints.step_dir(workdir, total_steps)):
         return None
     with tf.io.gfile.GFile(path) as f:
         results = json.load(f)
@@ -117,20 +111,21 @@ def _finished_results(workdir: str, total_steps: int) -> dict | None:
 
 def _log_where(workdir: str, step: int) -> None:
     logging.info("Results: %s | TensorBoard: tensorboard --logdir %s | checkpoint: %s",
-                 os.path.join(workdir, "results.md"), workdir, os.path.join(workdir, "checkpoints", str(step)))
+                 os.path.join(workdir, "results.md"), workdir, checkpoints.step_dir(workdir, step))
 
 
-def _record_config(config: ml_collections.ConfigDict, data_config: ml_collections.ConfigDict, workdir: str) -> None:
-    """`<workdir>/config.json` (the config with its resolved data paths) and `<workdir>/tokenizer.model`,
-    so that the workdir alone loads the model (clippy_jax/evaluate/checkpoints.py)."""
-    if jax.process_index() > 0:
-        return
+def _resolved(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The config with its data paths resolved (`demo_data.data_paths`): what each checkpoint records."""
     resolved = ml_collections.ConfigDict(config.to_dict())
-    resolved.data = data_config.to_dict()
-    checkpoints.save_training_config(resolved, workdir)
-    tokenizer_copy = os.path.join(workdir, checkpoints.TOKENIZER_FILE)
-    if os.path.abspath(data_config.tokenizer_path) != os.path.abspath(tokenizer_copy):
-        tf.io.gfile.copy(data_config.tokenizer_path, tokenizer_copy, overwrite=True)
+    resolved.data = demo_data.data_paths(config, workdir).to_dict()
+    return resolved
+
+
+def _keep_tokenizer(tokenizer_path: str, workdir: str) -> None:
+    """Copies the tokenizer into the workdir, so that the workdir alone loads the model."""
+    copy = checkpoints.tokenizer_file(workdir)
+    if jax.process_index() == 0 and os.path.abspath(tokenizer_path) != os.path.abspath(copy):
+        tf.io.gfile.copy(tokenizer_path, copy, overwrite=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, reevaluate: bool = False) -> dict:
@@ -157,26 +152,28 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                      "evaluate again, or raise --config.train.steps to train further.", total_steps, total_steps)
         _log_where(workdir, total_steps)
         return finished["evaluations"]
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
-                                config.train.keep_checkpoints)
-    settings = config_checks.flatten(config)
+    checkpointer = checkpoints.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
+    resolved = _resolved(config, workdir)
+    settings = config_checks.flatten(resolved)
     if checkpointer.steps():
-        config_checks.check_resume(settings, checkpointer.saved_settings(), workdir, checkpointer.steps()[0],
-                                   total_steps)
+        latest = checkpointer.steps()[0]
+        saved = checkpointer.saved_config(latest)
+        config_checks.check_resume(settings, None if saved is None else config_checks.flatten(saved), workdir,
+                                   latest, total_steps)
     data_config = demo_data.prepare_data(config, workdir)
-    _record_config(config, data_config, workdir)
+    _keep_tokenizer(data_config.tokenizer_path, workdir)
     tokenizer = Tokenizer(data_config.tokenizer_path, config.data.max_text_length)
     config_checks.check_vocab(config, tokenizer.vocab_size)
     model = build_model(config.model, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
     tx, schedule = make_optimizer(config.optim, total_steps)
-    grid_shape = _grid_shape(config)
+    geometry = patch_geometry(model.image)
+    grid_shape = patch_grid((config.data.image_size,) * 2, *geometry)
 
     local_batch_size = config.train.batch_size // jax.process_count()
-    dataset = pipeline.train_dataset(
-        data_config, tokenizer, local_batch_size, config.seed, jax.process_index(), jax.process_count()
-    )
-    iterator = pipeline.InputIterator(dataset, pipeline.with_defaults(config.data).max_input_wait_seconds,
+    dataset = pipeline.train_dataset(data_config, tokenizer, local_batch_size, config.seed, jax.process_index(),
+                                     jax.process_count(), patch_geometry=geometry)
+    iterator = pipeline.InputIterator(dataset, config.data.max_input_wait_seconds,
                                       functools.partial(sources.describe, data_config))
     example = batch_spec(
         {k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in dataset.element_spec.items()}, jax.process_count()
@@ -187,7 +184,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         state = restored
     else:
         state = state.replace(params=initialize_from_pretrained(state.params, config.init))
-        checkpointer.write_settings(settings)
     start_step = int(state.step)
     if start_step >= total_steps:
         logging.info("All %d steps are trained: evaluating the checkpoint of step %d again.", total_steps, start_step)
@@ -195,10 +191,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         logging.info("Resuming training at step %d of %d.", start_step, total_steps)
 
     writer = runner.create_writer(workdir)
+    evaluator = runner.Evaluator(config, model, tokenizer, data_config, mesh, writer, workdir)
     if start_step == 0:
         writer.write_hparams(settings)
-        logging.info("Hyperparameters (also in TensorBoard's HPARAMS tab and %s):\n%s",
-                     os.path.join(workdir, checkpoints.CONFIG_FILE), hyperparameter_block(config))
+        logging.info("Hyperparameters (also in TensorBoard's HPARAMS tab and recorded with every checkpoint):\n%s",
+                     hyperparameter_block(config))
     skip_nonfinite = config.train.on_nonfinite == "skip"
     hooks = []
     if config.train.profile_steps and jax.process_index() == 0:
@@ -218,10 +215,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                      peak_source)
     try:
         preemption.in_loop = True
-        state, step = _train_loop(config, state, compiled_step, iterator, checkpointer, hooks, writer, preemption,
-                                  mesh, flops_per_step, peak_flops, start_step,
-                                  lambda params, at: runner.run_evaluations(config, model, params, tokenizer,
-                                                                            data_config, writer, workdir, at))
+        state, step = _train_loop(config, resolved, state, compiled_step, iterator, checkpointer, hooks, writer,
+                                  preemption, mesh, flops_per_step, peak_flops, start_step, evaluator)
     finally:  # a save in flight completes on any exit: only finite states are ever saved (`_check_finite`)
         checkpointer.wait()
         preemption.in_loop = False
@@ -229,14 +224,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         raise TrainingStopped(f"Stopped at step {step} after a termination signal; the checkpoint of step "
                               f"{max(checkpointer.steps(), default=0)} is complete, rerun to resume.")
     checkpointer.close()
-    results = runner.run_evaluations(config, model, state.params, tokenizer, data_config, writer, workdir,
-                                     total_steps)
+    results = evaluator(state.params, total_steps)
     writer.flush()
     _log_where(workdir, total_steps)
     return results
 
 
-def _train_loop(config, state, compiled_step, iterator, checkpointer, hooks, writer, preemption, mesh,
+def _train_loop(config, resolved, state, compiled_step, iterator, checkpointer, hooks, writer, preemption, mesh,
                 flops_per_step, peak_flops, start_step, evaluate) -> tuple:
     """Steps from `start_step` until `config.train.steps` or a stop request; returns (state, last step)."""
     total_steps = config.train.steps
@@ -256,7 +250,7 @@ def _train_loop(config, state, compiled_step, iterator, checkpointer, hooks, wri
             for hook in hooks:
                 hook(step)
             stop = preemption.should_stop(step)
-            will_save = stop or step == total_steps or checkpointer.manager.should_save(step)
+            will_save = stop or step == total_steps or checkpointer.should_save(step)
             if step % config.train.log_every == 0 or will_save:
                 fetched = jax.device_get(pending)
                 if not skip_nonfinite:
@@ -271,7 +265,7 @@ def _train_loop(config, state, compiled_step, iterator, checkpointer, hooks, wri
                 writer.write_scalars(step, {**{f"train/{k}": v for k, v in scalars.items()}, **iterator.counters()})
                 _log_progress(step, total_steps, scalars, seconds_per_step)
                 pending, last_log_time, last_log_step = [], time.time(), step
-            checkpointer.save(step, state, iterator, force=step == total_steps or stop)
+            checkpointer.save(step, state, resolved, iterator, force=step == total_steps or stop)
             if stop:
                 return state, step
             if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:

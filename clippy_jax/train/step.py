@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from clippy_jax.train import sharding
+from clippy_jax import sharding
 from clippy_jax.train.loss import blocked_contrastive_loss, contrastive_loss
 
 

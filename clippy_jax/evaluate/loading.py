@@ -1,0 +1,99 @@
+"""Loads a model to evaluate: from a training checkpoint or a converted checkpoint.
+
+* Training checkpoints (`clippy_jax.checkpoints` describes the layout): `init_from` is a training
+  workdir (its newest step is used), its `checkpoints/` folder or one step folder. Only the `params`
+  of the saved TrainState are read (orbax partial restore). Each step records the resolved config
+  that trained it, and the workdir keeps the tokenizer, so nothing else is needed; `model_config` (a
+  config file, e.g. `configs/demo.py:size=tiny`) replaces the recorded config, and is needed for steps
+  written before configs were recorded. The config's `model` section builds the model and its `data`
+  section gives the text length, the image mean / std / size and the demo's evaluation split.
+  Loading writes nothing: a missing tokenizer is an error, never regenerated.
+* Converted checkpoints (`python -m clippy_jax.convert`): any other directory, read with
+  `clippy_jax.convert.load_pretrained(directory) -> (params, model config dict)`; the tokenizer is
+  `<directory>/tokenizer.model` unless `tokenizer_path` is given; mean / std come from `data`.
+"""
+
+import dataclasses
+import importlib.util
+import os
+
+import flax.linen as nn
+import ml_collections
+import tensorflow as tf
+
+from clippy_jax import checkpoints
+from clippy_jax.data import demo_data
+from clippy_jax.data.tokenizer import Tokenizer
+from clippy_jax.models import build_model
+
+
+@dataclasses.dataclass
+class Loaded:
+    model: nn.Module
+    params: dict
+    tokenizer: Tokenizer
+    data_config: ml_collections.ConfigDict  # mean, std, tokenizer_path, max_text_length (+ the demo's eval split)
+    model_config: ml_collections.ConfigDict
+    step: int
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:argument]` -> `get_config(argument)` of that file."""
+    path, _, argument = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_model_config", path)
+    if module_spec is None or not os.path.exists(path):
+        raise FileNotFoundError(f"config.model_config={spec!r}: no config file {path!r}.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()
+
+
+def training_config(step_dir: str, model_config: str = "") -> ml_collections.ConfigDict:
+    """The config file `model_config` if given, else the config recorded with the checkpoint step."""
+    if model_config:
+        return load_config_file(model_config)
+    recorded = checkpoints.read_config(step_dir)
+    if recorded is None:
+        raise ValueError(
+            f"{step_dir} was written before checkpoints recorded their config: set config.model_config to the "
+            "training config, e.g. --config.model_config=configs/demo.py:size=tiny (Clippy.load(..., "
+            "model_config=...))."
+        )
+    return recorded
+
+
+def load(config: ml_collections.ConfigDict) -> Loaded:
+    """The model, parameters, tokenizer and data settings named by `config.init_from`,
+    `config.model_config`, `config.tokenizer_path` and `config.data` (see the module docstring)."""
+    if not config.init_from:
+        raise ValueError("Set config.init_from to a training workdir, a checkpoint step or a converted checkpoint.")
+    step_dir = checkpoints.find_step_dir(config.init_from)
+    data = ml_collections.ConfigDict(config.data.to_dict())
+    if step_dir is not None:
+        workdir = checkpoints.workdir_of(step_dir)
+        train_config = training_config(step_dir, config.model_config)
+        data = demo_data.data_paths(train_config, workdir)
+        copy = checkpoints.tokenizer_file(workdir)
+        if tf.io.gfile.exists(copy):
+            data.tokenizer_path = copy
+        model_config = train_config.model
+        params = checkpoints.restore_params(step_dir)
+        step = int(os.path.basename(step_dir.rstrip("/")))
+    else:
+        from clippy_jax.convert import load_pretrained  # noqa: PLC0415 (the converters' heavy imports)
+
+        params, converted = load_pretrained(config.init_from)
+        missing = sorted({"image_tower", "text_tower"} - set(params))
+        if missing:
+            raise ValueError(f"{config.init_from} is a partial checkpoint without {missing}; evaluating needs a whole "
+                             "model (e.g. python -m clippy_jax.convert --from=open_clip_clippy).")
+        model_config = ml_collections.ConfigDict(converted)
+        data.tokenizer_path = data.tokenizer_path or os.path.join(config.init_from, "tokenizer.model")
+        step = 0
+    if config.tokenizer_path:
+        data.tokenizer_path = config.tokenizer_path
+    if not tf.io.gfile.exists(data.tokenizer_path):
+        raise FileNotFoundError(f"No tokenizer at {data.tokenizer_path!r}; set config.tokenizer_path.")
+    tokenizer = Tokenizer(data.tokenizer_path, data.max_text_length)
+    model = build_model(model_config, tokenizer.vocab_size)
+    return Loaded(model, params, tokenizer, data, model_config, step)
