@@ -63,6 +63,8 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=True, create=True
             ),
+            # Named items, so that orbax does not take the `default` item for its single-item mode.
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()},
         )
 
     def _data_dir(self, step: int) -> str:

@@ -13,12 +13,14 @@ sys.modules.setdefault("triton", None)
 
 import pytest  # noqa: E402
 
-TINY_RUN_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1")
+TINY_RUN_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
+                  "--config.eval.every_steps=4")
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """(workdir, completed process) of one tiny demo run: 10 steps, checkpoints at 8 and 10, results."""
+    """(workdir, completed process) of one tiny demo run: 10 steps, checkpoints at 8 and 10, evaluations at
+    4, 8 and 10, results."""
     from tests.helpers import run_main
 
     workdir = str(tmp_path_factory.mktemp("tiny"))

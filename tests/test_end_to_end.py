@@ -16,7 +16,7 @@ from tests.helpers import REPO, main_command, read_scalars, run_main
 
 def test_tiny_run_leaves_checkpoint_events_and_results(tiny_run):
     workdir, result = tiny_run
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8", "config.json", "data"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "8", "data"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
@@ -42,7 +42,7 @@ def test_console_shows_progress_lines_and_where_the_results_are_without_library_
     assert max(len(line) for line in lines) < 400  # before: a 2,183-character hyperparameter line
     assert lines[-1].endswith(f"Results: {workdir}/results.md | TensorBoard: tensorboard --logdir {workdir} | "
                               f"checkpoint: {workdir}/checkpoints/10")
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, "checkpoints", "10", "config", "metadata")) as f:  # orbax's JsonSave item
         assert json.load(f)["train"]["steps"] == 10
     assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from clippy_jax import sharding
 from clippy_jax.data.eval_datasets.voc import VOC_CLASS_NAMES
-from clippy_jax.evaluate import checkpoints, engine, geometry, grouping, segmentation, zero_shot
+from clippy_jax.evaluate import engine, geometry, grouping, loading, segmentation, zero_shot
 from clippy_jax.evaluate.metrics import IGNORE_LABEL
 from tests.helpers import REPO
 from tests.test_inference import _save_tiny
@@ -57,9 +57,10 @@ def context(tmp_path_factory):
     config.data.mean, config.data.std = (0.5,) * 3, (0.25,) * 3
     config.eval.update(manual_dir=str(manual), tfds_dir=str(tmp_path_factory.mktemp("tfds")), batch_size=8,
                        progress=False)
-    loaded = checkpoints.load(config)
-    ctx = engine.EvalContext(config, loaded.model, loaded.params, loaded.tokenizer, loaded.data_config,
+    loaded = loading.load(config)
+    ctx = engine.EvalContext(config, loaded.model, loaded.tokenizer, loaded.data_config,
                              sharding.make_mesh(config.mesh))
+    ctx.use_params(loaded.params)
     examples = list(engine.dataset_examples(ctx, eval_config.get_config("voc").eval.tasks.voc).iterator)
     for example, boxes in zip(examples, LABELS.values()):  # the images as decoded by the dataset builder
         np.testing.assert_array_equal(example["label"], _label_map(boxes))

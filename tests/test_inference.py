@@ -17,7 +17,7 @@ from clippy_jax import inference
 from clippy_jax.convert import load_pretrained, save_pretrained
 from clippy_jax.data import synthetic
 from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece
-from clippy_jax.evaluate import checkpoints
+from clippy_jax.evaluate import loading
 from clippy_jax.evaluate.render import palette
 from clippy_jax.inference import Clippy
 from clippy_jax.models import build_model
@@ -30,7 +30,7 @@ def _save_tiny(directory: str) -> None:
     words = [name for c in synthetic.CATEGORIES for name in c.synonyms] + list(synthetic.BACKGROUND_NAMES)
     captions = [f"a photo of a {a} and a {b}" for a in words for b in words[::3]]
     tokenizer_path = train_sentencepiece(captions, os.path.join(directory, "tokenizer.model"), vocab_size=96)
-    model_config = checkpoints.load_config_file(os.path.join(REPO, "configs/demo.py:size=tiny")).model.to_dict()
+    model_config = loading.load_config_file(os.path.join(REPO, "configs/demo.py:size=tiny")).model.to_dict()
     model_config["text"]["vocab_size"] = Tokenizer(tokenizer_path, 16).vocab_size
     model = build_model(ml_collections.ConfigDict(model_config))
     batch = dict(image=jnp.zeros((1, 64, 64, 3)), tokens=jnp.ones((1, 16), jnp.int32))

@@ -199,7 +199,8 @@ def test_center_crop_normalisation_and_kept_patches(shards, tokenizer, keep_patc
 
 def test_random_crops_vary_and_the_stream_is_a_function_of_the_seed(shards, tokenizer):
     def batches(seed: int) -> list[dict]:
-        return take(pipeline.InputIterator(pipeline.train_dataset(shards, tokenizer, 4, patch_geometry=GEOMETRY, seed=seed)), 3)
+        dataset = pipeline.train_dataset(shards, tokenizer, 4, patch_geometry=GEOMETRY, seed=seed)
+        return take(pipeline.InputIterator(dataset), 3)
 
     first, again, other = batches(5), batches(5), batches(6)
     for a, b in zip(first, again):
@@ -213,7 +214,8 @@ def test_processes_read_disjoint_shards(shards, tokenizer):
     for index in range(2):
         stream = sources.examples(shards, seed=0, process_index=index, process_count=2, epochs=1)
         per_process.append({e["captions"][0] for e in stream.as_numpy_iterator() if e["status"] == sources.OK})
-        dataset = pipeline.train_dataset(shards, tokenizer, 2, patch_geometry=GEOMETRY, seed=0, process_index=index, process_count=2)
+        dataset = pipeline.train_dataset(shards, tokenizer, 2, patch_geometry=GEOMETRY, seed=0, process_index=index,
+                                         process_count=2)
         captions = decode_captions(tokenizer, next(pipeline.InputIterator(dataset))["tokens"])
         assert {c.encode() for c in captions} <= per_process[-1]
     assert not per_process[0] & per_process[1]
@@ -242,7 +244,8 @@ def test_unknown_source_and_empty_pattern_fail_naming_them(tokenizer, tmp_path):
         pipeline.train_dataset(data_config(source="laion"), tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
     pattern = str(tmp_path / "nothing-*.tar")
     with pytest.raises(FileNotFoundError, match="nothing-"):
-        pipeline.train_dataset(data_config(source="webdataset", train_pattern=pattern), tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
+        pipeline.train_dataset(data_config(source="webdataset", train_pattern=pattern), tokenizer, 2,
+                               patch_geometry=GEOMETRY, seed=0)
 
 
 @pytest.mark.parametrize("data_format", ["tfrecord", "tar"])

@@ -46,7 +46,8 @@ def tfds_config(tmp_path_factory):
 
 
 def test_one_caption_is_drawn_per_pass_and_empty_ones_are_skipped(tfds_config, tokenizer):  # noqa: F811
-    iterator = pipeline.InputIterator(pipeline.train_dataset(tfds_config, tokenizer, 11, patch_geometry=GEOMETRY, seed=0))
+    dataset = pipeline.train_dataset(tfds_config, tokenizer, 11, patch_geometry=GEOMETRY, seed=0)
+    iterator = pipeline.InputIterator(dataset)
     drawn = collections.defaultdict(set)
     for _ in range(8):  # 8 passes over the 11 usable examples
         for text in decode_captions(tokenizer, next(iterator)["tokens"]):

@@ -98,7 +98,7 @@ def test_segment_command_flag_errors(tmp_path, flags, message):
 
 
 def test_loading_a_copied_workdir_writes_nothing(tiny_run, tmp_path, caplog):
-    """The copy has no demo data: the model loads from checkpoints/, config.json and tokenizer.model."""
+    """The copy has no demo data: the model loads from checkpoints/ (with their config) and tokenizer.model."""
     workdir = tiny_run[0]
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("data"))
@@ -112,8 +112,18 @@ def test_loading_a_copied_workdir_writes_nothing(tiny_run, tmp_path, caplog):
 
     only_checkpoints = tmp_path / "only_checkpoints"
     shutil.copytree(os.path.join(workdir, "checkpoints"), only_checkpoints / "checkpoints")
-    with pytest.raises(ValueError, match="config.model_config"):
-        Clippy.load(str(only_checkpoints))
     with pytest.raises(FileNotFoundError, match="No tokenizer"):
-        Clippy.load(str(only_checkpoints), model_config=os.path.join(REPO, "configs/demo.py:size=tiny"))
+        Clippy.load(str(only_checkpoints))
     assert sorted(os.listdir(only_checkpoints)) == ["checkpoints"]  # no data regenerated
+
+
+def test_a_step_written_before_configs_were_recorded_loads_with_model_config(tiny_run, tmp_path):
+    """Older workdirs (no `config/` item in the step) name `model_config`, then load with it."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run[0], old, ignore=shutil.ignore_patterns("data"))
+    for step in ("8", "10"):
+        shutil.rmtree(old / "checkpoints" / step / "config")
+    with pytest.raises(ValueError, match="before checkpoints recorded their config: set config.model_config"):
+        Clippy.load(str(old))
+    clippy = Clippy.load(str(old), model_config=os.path.join(REPO, "configs/demo.py:size=tiny"))
+    assert clippy.segment(np.zeros((48, 80, 3), np.uint8), ["zebra", "sand"]).labels.shape == (48, 80)
