@@ -14,6 +14,7 @@ from clippy_jax.data import eval_datasets, pipeline, sources
 from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
+from clippy_jax.models.vit import VisionTransformer
 from clippy_jax.sharding import mesh_shape
 
 # Evaluators that read the held-out split of `data.eval_pattern` (written by the demo for source=synthetic).
@@ -124,7 +125,10 @@ def _check_model(root: ml_collections.ConfigDict) -> None:
     for setting in ("dtype", "param_dtype"):
         if model[setting] not in DTYPES:
             _fail(f"model.{setting}", model[setting], "is not a supported dtype", f"choose one of {sorted(DTYPES)}")
-    lookup(IMAGE_POOLS, model.image_pool, "model.image_pool")
+    head = lookup(IMAGE_POOLS, model.image_pool, "model.image_pool")
+    if head.needs_cls and not model.image.get("use_cls_token", VisionTransformer.use_cls_token):
+        _fail("model.image_pool", model.image_pool, "reads the CLS token, which config.model.image.use_cls_token="
+              "False removes", "set config.model.image.use_cls_token=True or choose a head without it")
     lookup(TEXT_POOLS, model.text_pool, "model.text_pool")
     image = model.image
     for setting in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):

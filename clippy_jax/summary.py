@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from clippy_jax.data import preprocess
 from clippy_jax.models import build_model
+from clippy_jax.models.pooling import IMAGE_POOLS
 from clippy_jax.models.t5 import T5_VOCAB_SIZE
 from clippy_jax.models.vit import patch_geometry, patch_grid
 from clippy_jax.train import perf
@@ -53,14 +54,14 @@ def summarize(config: ml_collections.ConfigDict, vocab_size: int | None = None) 
     params = jax.eval_shape(lambda batch: nn.unbox(model.init(jax.random.key(0), batch)["params"]),
                             dict(image=image, tokens=tokens))
     counts = {name: _count(params.get(name, {})) for name in
-              ("image_tower", "image_projection", "text_tower", "text_projection", "logit_scale")}
+              ("image_tower", "image_pool_head", "image_projection", "text_tower", "text_projection", "logit_scale")}
     counts["total"] = _count(params)
 
     def encode_text(p, t):
         return model.apply({"params": p}, t, method=model.encode_text)
 
     def encode_image(p, x, **kwargs):
-        text_emb = jnp.zeros((1, model.embed_dim)) if model.image_pool == "tsp" else None
+        text_emb = jnp.zeros((1, model.embed_dim)) if IMAGE_POOLS[model.image_pool].text_conditioned else None
         return model.apply({"params": p}, x, text_emb=text_emb, method=model.encode_image, **kwargs)
 
     gflops = {

@@ -22,7 +22,7 @@ from clippy_jax.convert.t5 import convert_hf_t5, kwargs_from_hf_config
 from clippy_jax.convert.vit import convert_dino, convert_vit
 from clippy_jax.data import preprocess
 from clippy_jax.models import build_model
-from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS
+from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, weighted_max
 from clippy_jax.models.resample import resample_grid
 from clippy_jax.models.t5 import T5Encoder, relative_position_bucket
 from clippy_jax.models.two_tower import pair_similarity
@@ -65,7 +65,7 @@ def _encode(kwargs: dict, params: dict, images: np.ndarray, pools=(), patch_indi
 
     def run(module: VisionTransformer, x):
         tokens, cls = module(x, patch_indices=patch_indices)
-        pooled = {name: module.pool_norm(IMAGE_POOLS[name].fn(tokens, cls, 0.1)) for name in pools}
+        pooled = {name: module.pool_norm(IMAGE_POOLS[name](parent=None).apply({}, tokens, cls)) for name in pools}
         return tokens, cls, pooled
 
     return jax.jit(lambda p, x: VisionTransformer(**kwargs).apply({"params": p}, x, method=run))(params, images)
@@ -310,9 +310,8 @@ def _small_two_tower(image_pool: str, remat: str = "none", **overrides):
 
 def test_weighted_max_pool_interpolates_between_max_and_mean():
     tokens = jnp.asarray(np.random.default_rng(11).normal(size=(2, 9, 5)), jnp.float32)
-    wmp = IMAGE_POOLS["wmp"].fn
-    np.testing.assert_allclose(wmp(tokens, None, 1e-4), tokens.max(axis=1), atol=1e-5)
-    np.testing.assert_allclose(wmp(tokens, None, 1e5), tokens.mean(axis=1), atol=1e-4)
+    np.testing.assert_allclose(weighted_max(tokens, 1e-4), tokens.max(axis=1), atol=1e-5)
+    np.testing.assert_allclose(weighted_max(tokens, 1e5), tokens.mean(axis=1), atol=1e-4)
 
 
 def test_text_similarity_pool_gives_pair_embeddings_and_a_contrastive_loss():

@@ -1,58 +1,31 @@
 """Aggregation of per-location features into one embedding, chosen by name from registries.
 
-Image heads take patch tokens [B, N, D], the CLS token [B, D] (or None) and a softmax temperature
-(used by the soft heads of appendix A.3, Tab. 10); text heads take token features [B, L, D] and the
-padding mask [B, L].
+Image heads are Flax modules that declare what they need as class attributes (`ImagePool`): the
+two-tower model, the config checks, zero-shot evaluation and the model summary read those instead
+of head names, so a new head (one with parameters too) is one class added to `IMAGE_POOLS`.
+Text heads are functions of token features [B, L, D] and the padding mask [B, L].
 """
 
-import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clippy_jax.models.layers import l2_normalize
+from clippy_jax.models.layers import Dtype, l2_normalize
 
 
-def spatial_max(tokens: jax.Array, cls: jax.Array | None, temperature: float) -> jax.Array:
-    """CLIPpy: max over locations, per channel. [B, N, D] -> [B, D]."""
-    del cls, temperature
-    return tokens.max(axis=1)
-
-
-def spatial_max_with_cls(tokens: jax.Array, cls: jax.Array | None, temperature: float) -> jax.Array:
-    """Max over the locations and the CLS token (the released CLIPpy checkpoint). [B, N, D] -> [B, D]."""
-    del temperature
-    if cls is None:
-        raise ValueError("Pooling 'max_with_cls' needs a ViT with a CLS token (model.image.use_cls_token=True).")
-    return jnp.maximum(tokens.max(axis=1), cls)
-
-
-def spatial_average(tokens: jax.Array, cls: jax.Array | None, temperature: float) -> jax.Array:
-    """Average over locations. [B, N, D] -> [B, D]."""
-    del cls, temperature
-    return tokens.mean(axis=1)
-
-
-def cls_token(tokens: jax.Array, cls: jax.Array | None, temperature: float) -> jax.Array:
-    """The CLS token (CLIP). [B, D]."""
-    del tokens, temperature
-    if cls is None:
-        raise ValueError("Pooling 'cls' needs a ViT with a CLS token (model.image.use_cls_token=True).")
-    return cls
-
-
-def weighted_max(tokens: jax.Array, cls: jax.Array | None, temperature: float) -> jax.Array:
+def weighted_max(tokens: jax.Array, temperature: float) -> jax.Array:
     """Weighted Max Pooling (WMP, appendix A.3): per channel, a softmax over locations of the values
     divided by `temperature` weights the sum; it tends to the spatial max as temperature -> 0.
     [B, N, D] -> [B, D]."""
-    del cls
     tokens = tokens.astype(jnp.float32)
     weights = jax.nn.softmax(tokens / temperature, axis=1)  # [B, N, D]
     return (weights * tokens).sum(axis=1)
 
 
-def text_similarity(tokens: jax.Array, cls: jax.Array | None, temperature: float, queries: jax.Array) -> jax.Array:
+def text_similarity(tokens: jax.Array, queries: jax.Array, temperature: float) -> jax.Array:
     """Text-Similarity Pooling (TSP, appendix A.3): per (image, text) pair, a softmax over locations of
     the cosine similarity between each location's joint-space embedding and the text embedding,
     divided by `temperature`, weights an average of the locations.
@@ -60,35 +33,96 @@ def text_similarity(tokens: jax.Array, cls: jax.Array | None, temperature: float
     tokens: [B, N, E] per-location joint-space embeddings; queries: [T, E] unit text embeddings.
     Returns [B, T, E]: one (unnormalised) image embedding per pair.
     """
-    del cls
     tokens = tokens.astype(jnp.float32)
     similarity = jnp.einsum("bne,te->btn", l2_normalize(tokens), queries.astype(jnp.float32))  # [B, T, N]
     weights = jax.nn.softmax(similarity / temperature, axis=-1)
     return jnp.einsum("btn,bne->bte", weights, tokens)
 
 
-@dataclasses.dataclass(frozen=True)
-class ImagePool:
-    """An image aggregation head.
+class ImagePool(nn.Module):
+    """An image aggregation head: `head(tokens [B, N, D], cls [B, D] | None, queries [T, E] | None)`.
+
+    Class attributes (what the head needs; read by the model, the config checks and the evaluators):
+      needs_cls: reads the CLS token, so the ViT must have one (model.image.use_cls_token=True).
+      text_conditioned: pools once per text `queries` [T, E], giving [B, T, ...] (one image embedding
+        per image-text pair); the model passes the batch's or the labels' text embeddings.
+      pools_joint_space: pools the per-location joint-space embeddings (tower features after the
+        post-pool norm and the projection; `cls` likewise) and its output [B, (T,) E] is the image
+        embedding before L2 normalisation; otherwise it pools the tower features into [B, (T,) D],
+        which the model then normalises and projects.
+    A head may hold parameters (`self.param`, with logical axes for sharding); they live under
+    `image_pool_head` in the two-tower model's parameters.
 
     Attributes:
-      fn: `fn(tokens [B, N, D], cls [B, D] | None, temperature) -> [B, D]` on the tower's features
-        (the pooled vector is then normalised and projected); text-conditioned heads take
-        `queries` [T, E] too, pool joint-space per-location embeddings and return [B, T, E].
-      text_conditioned: whether the head needs the text embeddings (one image embedding per pair).
+      temperature: softmax temperature of the soft heads (appendix A.3, Tab. 10); others ignore it.
+      dtype, param_dtype: computation and parameter dtypes, for heads with parameters.
     """
 
-    fn: Callable[..., jax.Array]
-    text_conditioned: bool = False
+    needs_cls: ClassVar[bool] = False
+    text_conditioned: ClassVar[bool] = False
+    pools_joint_space: ClassVar[bool] = False
+
+    temperature: float = 0.1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
 
 
-IMAGE_POOLS: dict[str, ImagePool] = {
-    "max": ImagePool(spatial_max),
-    "max_with_cls": ImagePool(spatial_max_with_cls),
-    "avg": ImagePool(spatial_average),
-    "cls": ImagePool(cls_token),
-    "wmp": ImagePool(weighted_max),
-    "tsp": ImagePool(text_similarity, text_conditioned=True),
+class SpatialMax(ImagePool):
+    """CLIPpy: max over locations, per channel. [B, N, D] -> [B, D]."""
+
+    def __call__(self, tokens: jax.Array, cls: jax.Array | None, queries: jax.Array | None = None) -> jax.Array:
+        return tokens.max(axis=1)
+
+
+class SpatialMaxWithCls(ImagePool):
+    """Max over the locations and the CLS token (the released CLIPpy checkpoint). [B, N, D] -> [B, D]."""
+
+    needs_cls: ClassVar[bool] = True
+
+    def __call__(self, tokens: jax.Array, cls: jax.Array | None, queries: jax.Array | None = None) -> jax.Array:
+        return jnp.maximum(tokens.max(axis=1), cls)
+
+
+class SpatialAverage(ImagePool):
+    """Average over locations. [B, N, D] -> [B, D]."""
+
+    def __call__(self, tokens: jax.Array, cls: jax.Array | None, queries: jax.Array | None = None) -> jax.Array:
+        return tokens.mean(axis=1)
+
+
+class ClsToken(ImagePool):
+    """The CLS token (CLIP). [B, D]."""
+
+    needs_cls: ClassVar[bool] = True
+
+    def __call__(self, tokens: jax.Array, cls: jax.Array | None, queries: jax.Array | None = None) -> jax.Array:
+        return cls
+
+
+class WeightedMax(ImagePool):
+    """`weighted_max` at `temperature`. [B, N, D] -> [B, D]."""
+
+    def __call__(self, tokens: jax.Array, cls: jax.Array | None, queries: jax.Array | None = None) -> jax.Array:
+        return weighted_max(tokens, self.temperature)
+
+
+class TextSimilarity(ImagePool):
+    """`text_similarity` at `temperature`: joint-space embeddings [B, N, E] and queries [T, E] -> [B, T, E]."""
+
+    text_conditioned: ClassVar[bool] = True
+    pools_joint_space: ClassVar[bool] = True
+
+    def __call__(self, tokens: jax.Array, cls: jax.Array | None, queries: jax.Array | None = None) -> jax.Array:
+        return text_similarity(tokens, queries, self.temperature)
+
+
+IMAGE_POOLS: dict[str, type[ImagePool]] = {
+    "max": SpatialMax,
+    "max_with_cls": SpatialMaxWithCls,
+    "avg": SpatialAverage,
+    "cls": ClsToken,
+    "wmp": WeightedMax,
+    "tsp": TextSimilarity,
 }
 
 

@@ -2,9 +2,10 @@
 
 The image embedding is `project(norm(pool(tokens)))` (the norm is the ViT's post-pool norm, or the
 identity when the ViT normalises before pooling); the per-location embeddings used for top-down
-segmentation and bottom-up grouping are `project(norm(token))` for every patch token. A
-text-conditioned head (TSP) pools those per-location embeddings once per text, giving image
-embeddings [B, T, E]; `pair_similarity` turns either form into [B, T] similarities.
+segmentation and bottom-up grouping are `project(norm(token))` for every patch token. A head that
+pools in the joint space (TSP) pools those per-location embeddings instead; a text-conditioned head
+pools once per text, giving image embeddings [B, T, E]; `pair_similarity` turns either form into
+[B, T] similarities. What a head needs is declared by its class (`pooling.ImagePool`).
 """
 
 from collections.abc import Mapping, Sequence
@@ -35,11 +36,12 @@ class TwoTower(nn.Module):
     Attributes:
       image: keyword arguments of `VisionTransformer`.
       text: keyword arguments of `T5Encoder`.
-      image_pool: name in `IMAGE_POOLS` ('max' is CLIPpy).
+      image_pool: name in `IMAGE_POOLS` ('max' is CLIPpy); the head's parameters, if any, are under
+        `image_pool_head`.
       text_pool: name in `TEXT_POOLS` ('mean' is the paper's default).
       embed_dim: width of the joint embedding space (both towers are projected to it).
       temperature_init: initial softmax temperature tau; the model learns log(1 / tau).
-      pool_temperature: softmax temperature of the 'wmp' and 'tsp' heads (appendix Tab. 10).
+      pool_temperature: softmax temperature of the soft heads, 'wmp' and 'tsp' (appendix Tab. 10).
       project_image, project_text: whether a bias-free dense layer maps each tower to the joint
         space; without it the tower width must equal `embed_dim` (the released CLIPpy image tower).
     """
@@ -60,7 +62,11 @@ class TwoTower(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.image_tower = VisionTransformer(**self.image, **kw)
         self.text_tower = T5Encoder(**self.text, **kw)
-        self.image_pool_head = lookup(IMAGE_POOLS, self.image_pool, "model.image_pool")
+        head = lookup(IMAGE_POOLS, self.image_pool, "model.image_pool")
+        if head.needs_cls and not self.image_tower.use_cls_token:
+            raise ValueError(f"model.image_pool={self.image_pool!r} reads the CLS token, which "
+                             "model.image.use_cls_token=False removes: set it to True or choose another head.")
+        self.image_pool_head = head(temperature=self.pool_temperature, **kw)
         self.text_pool_fn = lookup(TEXT_POOLS, self.text_pool, "model.text_pool")
         for name, enabled, width in (
             ("image", self.project_image, self.image_tower.width),
@@ -99,15 +105,17 @@ class TwoTower(nn.Module):
         needs `text_emb` [T, E]), and with `dense` also the per-location ones [B, N, E]."""
         tokens, cls = self.image_tower(images, patches=patches, patch_indices=patch_indices, grid_shape=grid_shape)
         head = self.image_pool_head
+        if head.text_conditioned and text_emb is None:
+            raise ValueError(f"model.image_pool={self.image_pool!r} pools per text: pass `text_emb` [T, E].")
+        queries = text_emb if head.text_conditioned else None
         per_location = None
-        if dense or head.text_conditioned:
+        if dense or head.pools_joint_space:
             per_location = self._to_joint(self.image_tower.pool_norm(tokens), self.image_projection)  # [B, N, E]
-        if head.text_conditioned:
-            if text_emb is None:
-                raise ValueError(f"model.image_pool={self.image_pool!r} pools per text: pass `text_emb` [T, E].")
-            pooled = head.fn(per_location, cls, self.pool_temperature, text_emb)  # [B, T, E]
+        if head.pools_joint_space:
+            cls = None if cls is None else self._to_joint(self.image_tower.pool_norm(cls), self.image_projection)
+            pooled = head(per_location, cls, queries)  # [B, (T,) E]
         else:
-            pooled = head.fn(tokens, cls, self.pool_temperature)  # [B, D]
+            pooled = head(tokens, cls, queries)  # [B, (T,) D]
             pooled = self._to_joint(self.image_tower.pool_norm(pooled), self.image_projection)
         pooled = l2_normalize(pooled)
         if not dense:
