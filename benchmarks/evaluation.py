@@ -54,7 +54,9 @@ def _context(prompts: list[list[str]]) -> engine.EvalContext:
                                vocab_size=128)
     tokenizer = Tokenizer(path, 16)
     text = dict(vocab_size=tokenizer.vocab_size, embed_dim=64, depth=1, num_heads=2, head_dim=32, mlp_dim=128)
-    model = TwoTower(image=dict(vit_config("B/16"), posemb_grid=(14, 14)), text=text, embed_dim=512)
+    model = TwoTower(image=dict(vit_config("B/16"), posemb_grid=(14, 14)), text=text, image_pool="max",
+                     text_pool="mean", embed_dim=512, temperature_init=0.07, pool_temperature=0.1,
+                     project_image=True, project_text=True, dtype=jnp.float32, param_dtype=jnp.float32)
     batch = dict(image=jnp.zeros((1, 224, 224, 3)), tokens=jnp.ones((1, 16), jnp.int32))
     params = jax.jit(lambda rng: model.init(rng, batch)["params"])(jax.random.key(0))
     config = ml_collections.ConfigDict(dict(

@@ -142,7 +142,8 @@ def run_jax(preset: Preset, batch_size: int, steps: int, warmup: int, remat: str
     model = build_model(ml_collections.ConfigDict(dict(
         image=dict(image, posemb_grid=(side, side), use_cls_token=True, norm_placement="post_pool", **tower),
         text=dict(text, vocab_size=vocab_size, activations=("relu",), **tower),
-        image_pool="max", text_pool="mean", embed_dim=embed_dim, temperature_init=TEMPERATURE_INIT,
+        image_pool="max", text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
+        embed_dim=embed_dim, temperature_init=TEMPERATURE_INIT,
         dtype=preset.dtype, param_dtype="float32",
     )))
     optim = ml_collections.ConfigDict(optim_settings())

@@ -41,34 +41,37 @@ BACKGROUND_LABELS = {"voc2012_seg": "voc2012_stuff39.txt"}
 
 def tasks(res: int, window: int, stride: int, background: str, templates: str, miou: str, jaccard_background: str,
           groups: int) -> dict[str, dict]:
-    """Every task's settings; `kind` names the evaluator (clippy_jax/evaluate/runner.py)."""
-    square = dict(input_size=(res, res))
-    protocol = dict(templates=templates, miou=miou)
-    dense = dict(input_size=(res, res), window=window, stride=stride, short_side=res, **protocol)
-    voc_labels = BACKGROUND_LABELS["voc2012_seg"] if background == "labels" else ""
-    zero_shot = dict(classes="imagenet_classes.txt", templates="imagenet_templates.txt", resize=res, crop=res)
+    """Every task's settings; `kind` names the evaluator (clippy_jax/evaluate/runner.py), which reads
+    every setting of its kind from here (`geometry.Geometry.from_config` reads the geometry)."""
+    square = dict(input_size=(res, res), window=0, stride=0, short_side=0)  # resize mode
+    dense = dict(input_size=(res, res), window=window, stride=stride, short_side=res)
     cityscapes = dict(dense, input_size=(res, 2 * res))  # Cityscapes images are 1024 x 2048
+    # prompts "": prompts/<dataset>.txt; background_labels "": none (or a file of extra background labels).
+    segmentation = dict(kind="segmentation", prompts="", background_labels="", templates=templates, miou=miou)
+    voc_labels = BACKGROUND_LABELS["voc2012_seg"] if background == "labels" else ""
+    zero_shot = dict(kind="classification", classes="imagenet_classes.txt", templates="imagenet_templates.txt",
+                     resize=res, crop=res, resize_method="bicubic", top_k=(1, 5))  # CLIP's ImageNet protocol
     return dict(
         synthetic_segmentation=dict(kind="synthetic_segmentation"),
-        voc=dict(kind="segmentation", dataset="voc2012_seg", background_labels=voc_labels, **dense),
+        voc=dict(segmentation, dataset="voc2012_seg", background_labels=voc_labels, **dense),
         # kahnchana/clippy's VOC protocol (src/evaluation/): its class names, its 39 stuff labels as
         # background, "a photo of a/an {}", mIoU over all 21 classes (absent ones at 0), 224 x 224 input.
-        voc_replication=dict(kind="segmentation", dataset="voc2012_seg", prompts="voc2012_seg_replication.txt",
+        voc_replication=dict(segmentation, dataset="voc2012_seg", prompts="voc2012_seg_replication.txt",
                              background_labels=BACKGROUND_LABELS["voc2012_seg"], templates="photo", miou="all",
-                             input_size=(224, 224)),
-        coco_object=dict(kind="segmentation", dataset="coco_object", **dense),
-        coco133=dict(kind="segmentation", dataset="coco_panoptic133", **dense),
-        ade20k=dict(kind="segmentation", dataset="ade20k_150", **dense),
-        cityscapes27=dict(kind="segmentation", dataset="cityscapes27", **cityscapes),
+                             **dict(square, input_size=(224, 224))),
+        coco_object=dict(segmentation, dataset="coco_object", **dense),
+        coco133=dict(segmentation, dataset="coco_panoptic133", **dense),
+        ade20k=dict(segmentation, dataset="ade20k_150", **dense),
+        cityscapes27=dict(segmentation, dataset="cityscapes27", **cityscapes),
         voc_grouping=dict(kind="grouping", dataset="voc2012_seg", num_groups=groups,
                           exclude_classes=("background",) if jaccard_background == "out" else (), **square),
         cityscapes27_unsupervised=dict(
             kind="unsupervised_segmentation", dataset="cityscapes27", method="kmeans", samples_per_window=64,
-            kmeans_iterations=30, seed=0, **cityscapes,
+            kmeans_iterations=30, seed=0, miou=miou, **cityscapes,
         ),
-        imagenet=dict(kind="classification", dataset="imagenet2012_val", **zero_shot),
-        imagenet_v2=dict(kind="classification", dataset="imagenet_v2_matched_frequency", **zero_shot),
-        waterbirds=dict(kind="waterbirds", dataset="waterbirds", **square),
+        imagenet=dict(zero_shot, dataset="imagenet2012_val"),
+        imagenet_v2=dict(zero_shot, dataset="imagenet_v2_matched_frequency"),
+        waterbirds=dict(kind="waterbirds", dataset="waterbirds", prompts="waterbirds.txt", **square),
     )
 
 

@@ -72,7 +72,8 @@ def test_timm_vit_round_trip_and_merge(vit_state, tmp_path, suffix):
 
     model = build_model(ml_collections.ConfigDict(dict(
         image=config["image"], text=dict(size="tiny", vocab_size=32), image_pool="max", text_pool="mean",
-        embed_dim=16, temperature_init=0.07, dtype="float32", param_dtype="float32",
+        pool_temperature=0.1, project_image=True, project_text=True, embed_dim=16, temperature_init=0.07,
+        dtype="float32", param_dtype="float32",
     )))
     batch = dict(image=jnp.zeros((1, 224, 224, 3)), tokens=jnp.ones((1, 4), jnp.int32))
     initial = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)["params"])
@@ -105,7 +106,8 @@ def test_merge_refuses_partial_and_misshaped_loads(vit_state):
     pretrained = unflatten(convert_vit(vit_state).params)
     model = build_model(ml_collections.ConfigDict(dict(
         image=dict(variant="Ti/16", depth=2, posemb_grid=(7, 7)), text=dict(size="tiny", vocab_size=32),
-        image_pool="max", text_pool="mean", embed_dim=16, temperature_init=0.07, dtype="float32",
+        image_pool="max", text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
+        embed_dim=16, temperature_init=0.07, dtype="float32",
         param_dtype="float32",
     )))
     batch = dict(image=jnp.zeros((1, 112, 112, 3)), tokens=jnp.ones((1, 4), jnp.int32))

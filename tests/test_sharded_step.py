@@ -24,7 +24,8 @@ def _configs():
         image=dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), use_cls_token=True),
         text=dict(vocab_size=64, embed_dim=32, depth=2, num_heads=2, head_dim=16, mlp_dim=64,
                   activations=("gelu_tanh", "linear")),
-        image_pool="max", text_pool="mean", embed_dim=16, temperature_init=0.07, dtype="float32",
+        image_pool="max", text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
+        embed_dim=16, temperature_init=0.07, dtype="float32",
         param_dtype="float32",
     ))
     optim = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=1, weight_decay=1e-2, grad_clip_norm=1.0,

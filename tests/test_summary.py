@@ -23,7 +23,8 @@ HF_T5_BASE = {  # t5-base and google/t5-v1_1-base encoder configs
 def _config(text_variant: str, image_size: int = 224, keep_ratio: float = 1.0) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         model=dict(image=dict(variant="B/16"), text=dict(size="base", variant=text_variant, vocab_size=32128),
-                   image_pool="max", text_pool="mean", embed_dim=512, temperature_init=0.07, dtype="bfloat16",
+                   image_pool="max", text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
+                   embed_dim=512, temperature_init=0.07, dtype="bfloat16",
                    param_dtype="float32"),
         data=dict(image_size=image_size, max_text_length=16, keep_ratio=keep_ratio),
     ))

@@ -301,7 +301,8 @@ def _small_two_tower(image_pool: str, remat: str = "none", **overrides):
     config = dict(
         image=dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), remat=remat),
         text=dict(vocab_size=64, embed_dim=32, depth=1, num_heads=2, head_dim=16, mlp_dim=64, remat=remat),
-        image_pool=image_pool, text_pool="mean", embed_dim=16, temperature_init=0.07, dtype="float32",
+        image_pool=image_pool, text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
+        embed_dim=16, temperature_init=0.07, dtype="float32",
         param_dtype="float32",
     )
     batch = dict(image=_images(4, 32, 32), tokens=_token_batch(64, lengths=(5, 7, 3, 2)))

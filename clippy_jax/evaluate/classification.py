@@ -34,21 +34,21 @@ def classification(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> 
     the templates of `task.templates` (files in `prompts/` or paths; default CLIP's ImageNet names and
     80 templates)."""
     examples = engine.dataset_examples(ctx, task)
-    class_names = zero_shot.read_lines(task.get("classes", "imagenet_classes.txt"))
+    class_names = zero_shot.read_lines(task.classes)
     num_classes = examples.info.features["label"].num_classes
     if len(class_names) != num_classes:
         raise ValueError(
-            f"{task.get('classes')} has {len(class_names)} names; {task.dataset} has {num_classes} classes."
+            f"{task.classes} has {len(class_names)} names; {task.dataset} has {num_classes} classes."
         )
-    templates = zero_shot.read_lines(task.get("templates", "imagenet_templates.txt"))
+    templates = zero_shot.read_lines(task.templates)
     label_emb = ctx.label_embeddings([[c] for c in class_names], templates)  # [C, E]
-    resize, crop = task.get("resize", 224), task.get("crop", 224)
+    resize, crop = task.resize, task.crop
 
     runner = ctx.runner(predict)
-    top_k = tuple(task.get("top_k", (1, 5)))
+    top_k = tuple(task.top_k)
     accuracy = {k: Accuracy(correct=np.int64(0), total=np.int64(0)) for k in top_k}
     for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, task.dataset)):
-        images = [preprocess(e["image"], resize, crop, task.get("resize_method", "bicubic")) for e in chunk]
+        images = [preprocess(e["image"], resize, crop, task.resize_method) for e in chunk]
         logits = runner(ctx.model_inputs(images, (crop, crop)), label_emb)
         if chunk:
             labels = np.asarray([e["label"] for e in chunk])

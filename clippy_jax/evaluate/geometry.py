@@ -37,8 +37,8 @@ class Geometry:
     @classmethod
     def from_config(cls, task) -> "Geometry":
         geometry = cls(
-            input_size=tuple(task.get("input_size", (224, 224))), window=int(task.get("window", 0)),
-            stride=int(task.get("stride", 0)), short_side=int(task.get("short_side", 0)),
+            input_size=tuple(task.input_size), window=int(task.window), stride=int(task.stride),
+            short_side=int(task.short_side),
         )
         if geometry.window and not (0 < geometry.stride <= geometry.window <= geometry.short_side):
             raise ValueError(

@@ -119,11 +119,11 @@ def bottom_up(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engin
     names classes whose segments are not scored (e.g. VOC's background)."""
     examples = engine.dataset_examples(ctx, task)
     class_names = examples.info.metadata["class_names"]
-    exclude = tuple(class_names.index(name) for name in task.get("exclude_classes", ()))
+    exclude = tuple(class_names.index(name) for name in task.exclude_classes)
     geometry = Geometry.from_config(task)
     if geometry.window:
         raise ValueError("Bottom-up grouping runs PCA per image: use resize mode (window=0), not sliding windows.")
-    num_groups = task.get("num_groups", 2)
+    num_groups = task.num_groups
 
     jaccard = clu_metrics.Average.empty()
     overlays = []
@@ -140,7 +140,7 @@ def bottom_up(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engin
     mean = float(jaccard.compute())
     return engine.EvalResult(
         summary=dict(jaccard=mean, num_segments=int(jaccard.count), num_groups=num_groups,
-                     num_images=examples.num_global, excluded=list(task.get("exclude_classes", ()))),
+                     num_images=examples.num_global, excluded=list(task.exclude_classes)),
         scalars={"jaccard": mean},
         headline=[f"- Jaccard similarity (best-match IoU per ground-truth segment, {num_groups} groups): {mean:.4f}",
                   f"- segments: {int(jaccard.count)} in {examples.num_global} images"],
@@ -153,7 +153,7 @@ def _sample_features(ctx: engine.EvalContext, task: ml_collections.ConfigDict, g
     example order; example k draws its locations with the seed (task.seed, k), so the sample does not
     depend on how the examples are spread over hosts."""
     examples = engine.dataset_examples(ctx, task)
-    per_window = task.get("samples_per_window", 64)
+    per_window = task.samples_per_window
     runner = ctx.runner(dense_features)
     samples, owners, position = [], [], 0
     for chunk in examples.chunks(ctx.local_batch_size, ctx.progress(examples.num_local, f"{task.dataset} features")):
@@ -162,7 +162,7 @@ def _sample_features(ctx: engine.EvalContext, task: ml_collections.ConfigDict, g
         start = 0
         for crops in windows:
             index = jax.process_index() + jax.process_count() * position  # the example's index in the split
-            rng = np.random.default_rng([task.get("seed", 0), index])
+            rng = np.random.default_rng([task.seed, index])
             flat = dense[start:start + len(crops)].reshape(len(crops), -1, dense.shape[-1])  # [n, N, E]
             for locations in flat:
                 samples.append(locations[rng.choice(len(locations), min(per_window, len(locations)), replace=False)])
@@ -189,9 +189,9 @@ def unsupervised_segmentation(ctx: engine.EvalContext, task: ml_collections.Conf
     class_names = examples.info.metadata["class_names"]
     num_clusters = len(class_names)
     samples = _sample_features(ctx, task, geometry)
-    method = task.get("method", "kmeans")
+    method = task.method
     if method == "kmeans":
-        weights = spherical_kmeans(samples, num_clusters, task.get("kmeans_iterations", 30), task.get("seed", 0))
+        weights = spherical_kmeans(samples, num_clusters, task.kmeans_iterations, task.seed)
         bias = np.zeros(num_clusters, np.float32)
     elif method == "pca":
         mean, weights = (np.asarray(a) for a in principal_axes(jnp.asarray(samples), num_clusters))
@@ -217,7 +217,7 @@ def unsupervised_segmentation(ctx: engine.EvalContext, task: ml_collections.Conf
     overlays = [segmentation_overlay(image, label, class_of_cluster[clusters], class_names)
                 for image, label, clusters in kept]
     result = iou_result(
-        ConfusionMatrix(matrix=matrix[:, cluster_of_class]), class_names, overlays, task.get("miou") or "present",
+        ConfusionMatrix(matrix=matrix[:, cluster_of_class]), class_names, overlays, task.miou,
         method=method,
         num_samples=len(samples), cluster_of_class=cluster_of_class.tolist(),
         num_images=examples.num_global,

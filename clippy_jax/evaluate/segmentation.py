@@ -118,15 +118,15 @@ def segmentation(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> en
     `task.miou` classes (present | all); see README.md, "Protocol switches"."""
     examples = engine.dataset_examples(ctx, task)
     class_names = examples.info.metadata["class_names"]
-    prompts = zero_shot.read_label_prompts(task.get("prompts") or f"{task.dataset}.txt", class_names)
+    prompts = zero_shot.read_label_prompts(task.prompts or f"{task.dataset}.txt", class_names)
     label_classes = list(range(len(class_names)))
-    if task.get("background_labels"):
+    if task.background_labels:
         extra_prompts, extra_classes = background_labels(class_names, task.background_labels)
         prompts, label_classes = prompts + extra_prompts, label_classes + extra_classes
-    templates = zero_shot.read_templates(task.get("templates") or "none")
+    templates = zero_shot.read_templates(task.templates)
     geometry = Geometry.from_config(task)
     num_overlays = task.get("num_overlays", ctx.config.eval.num_overlays)
     confusion, _, overlays = top_down(ctx, examples, class_names, prompts, geometry, num_overlays, task.dataset,
                                       templates, label_classes)
-    return iou_result(confusion, class_names, overlays, task.get("miou") or "present", num_images=examples.num_global,
+    return iou_result(confusion, class_names, overlays, task.miou, num_images=examples.num_global,
                       geometry=str(geometry), num_labels=len(prompts), templates=list(templates))

@@ -52,7 +52,7 @@ def predict(model: nn.Module, params, images: jax.Array, category_emb: jax.Array
 def waterbirds(ctx: engine.EvalContext, task: ml_collections.ConfigDict) -> engine.EvalResult:
     """The 2 x 2 accuracy table of appendix H on `task.dataset` (the `waterbirds` builder's test split)."""
     examples = engine.dataset_examples(ctx, task)
-    prompts = zero_shot.read_label_prompts(task.get("prompts", "waterbirds.txt"), CATEGORIES)
+    prompts = zero_shot.read_label_prompts(task.prompts, CATEGORIES)
     category_emb = ctx.label_embeddings(prompts)  # [3, E]
     geometry = Geometry.from_config(task)
     if geometry.window:

@@ -36,9 +36,9 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None
         text_pool=config.text_pool,
         embed_dim=config.embed_dim,
         temperature_init=config.temperature_init,
-        pool_temperature=config.get("pool_temperature", 0.1),
-        project_image=config.get("project_image", True),
-        project_text=config.get("project_text", True),
+        pool_temperature=config.pool_temperature,
+        project_image=config.project_image,
+        project_text=config.project_text,
         dtype=DTYPES[config.dtype],
         param_dtype=DTYPES[config.param_dtype],
     )

@@ -48,15 +48,15 @@ class TwoTower(nn.Module):
 
     image: Mapping
     text: Mapping
-    image_pool: str = "max"
-    text_pool: str = "mean"
-    embed_dim: int = 512
-    temperature_init: float = 0.07
-    pool_temperature: float = 0.1
-    project_image: bool = True
-    project_text: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+    image_pool: str
+    text_pool: str
+    embed_dim: int
+    temperature_init: float
+    pool_temperature: float
+    project_image: bool
+    project_text: bool
+    dtype: Dtype
+    param_dtype: Dtype
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
