@@ -26,8 +26,7 @@ from absl import app, flags, logging
 
 from clippy_jax.data import sources, writers
 
-# WebDataset's split of a member name into sample key and extension.
-_KEY_EXTENSION = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_KEY_EXTENSION = re.compile(sources.KEY_EXTENSION)
 
 
 @dataclasses.dataclass

@@ -39,7 +39,7 @@ FILE_SOURCES = ("synthetic", "img2dataset_tfrecord", "webdataset")
 # TFRecord framing around each record: length (8 bytes) and two CRCs (4 bytes each).
 _TFRECORD_OVERHEAD = 16
 # WebDataset's split of a member name into sample key and extension (webdataset.tariterators).
-_KEY_EXTENSION = r"^((?:.*/|)[^./]+)\.([^/]*)$"
+KEY_EXTENSION = r"^((?:.*/|)[^./]+)\.([^/]*)$"
 # Parallel `stat` calls when listing shard sizes (they are network round trips on gs://).
 _STAT_THREADS = 32
 
@@ -152,7 +152,7 @@ def _first_members(path: str, tar_format: bool) -> list[str]:
         if tar_format:
             with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as archive:
                 for _, member in zip(range(_PROBE_MEMBERS), archive):
-                    match = re.match(_KEY_EXTENSION, member.name)
+                    match = re.match(KEY_EXTENSION, member.name)
                     names[match.group(2) if match and member.isfile() else member.name] += 1
         else:
             for record in tf.data.TFRecordDataset(path).take(_PROBE_MEMBERS):
@@ -320,10 +320,10 @@ def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, .
     initial = dict(key=tf.constant(""), image=tf.constant(""), rank=tf.constant(no_image_rank), captions=no_captions)
 
     def group(state, member):
-        named = tf.strings.regex_full_match(member["name"], _KEY_EXTENSION) & ~member["end"]
-        key = tf.strings.regex_replace(member["name"], _KEY_EXTENSION, r"\1")
+        named = tf.strings.regex_full_match(member["name"], KEY_EXTENSION) & ~member["end"]
+        key = tf.strings.regex_replace(member["name"], KEY_EXTENSION, r"\1")
         key = tf.where(member["end"], "", tf.where(named, key, state["key"]))  # unnamed members change nothing
-        extension = tf.strings.lower(tf.strings.regex_replace(member["name"], _KEY_EXTENSION, r"\2"))
+        extension = tf.strings.lower(tf.strings.regex_replace(member["name"], KEY_EXTENSION, r"\2"))
         flush = (key != state["key"]) & (state["key"] != "")
         bad_shard = member["end"] & ~member["intact"]
         out = dict(

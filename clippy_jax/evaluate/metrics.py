@@ -15,7 +15,7 @@ import scipy.optimize
 from clu import metrics
 from jax.experimental import multihost_utils
 
-IGNORE_LABEL = 255
+from clippy_jax.data.eval_datasets.common import IGNORE_LABEL
 
 
 @flax.struct.dataclass

@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from clippy_jax.data.eval_datasets.common import IGNORE_LABEL  # noqa: E402
+
 IGNORE_COLOR = (1.0, 1.0, 1.0)
 
 
@@ -20,7 +22,7 @@ def palette(num_classes: int) -> np.ndarray:
     return np.concatenate([np.zeros((1, 3)), colors])[:num_classes]
 
 
-def colorize(labels: np.ndarray, colors: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+def colorize(labels: np.ndarray, colors: np.ndarray, ignore_label: int = IGNORE_LABEL) -> np.ndarray:
     """int [H, W] -> float RGB [H, W, 3]; ignored pixels white."""
     out = colors[np.clip(labels, 0, len(colors) - 1)]
     out[labels == ignore_label] = IGNORE_COLOR
