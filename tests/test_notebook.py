@@ -30,4 +30,4 @@ def test_notebook_executes_from_its_folder_and_produces_figures(tiny_run, monkey
     assert len(figures) == 4  # the image, the segmentation, the groups, the labels
     printed = "".join(out.get("text", "") for cell in code_cells for out in cell.outputs)
     assert "labels found:" in printed and f"repository: {REPO}" in printed
-    assert "shorter side at 64 pixels" in printed  # configs/demo.py's data.image_size, from config.json
+    assert "shorter side at 64 pixels" in printed  # configs/demo.py's data.image_size, from the recorded config
