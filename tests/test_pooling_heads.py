@@ -11,12 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clippy_jax import config_checks
+from clippy_jax import config_checks, sharding
 from clippy_jax.evaluate import zero_shot
 from clippy_jax.models import build_model
 from clippy_jax.models.pooling import IMAGE_POOLS, ImagePool
 from clippy_jax.summary import summarize
-from clippy_jax.train import sharding
 from clippy_jax.train.loss import contrastive_loss
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import batch_spec, create_train_state, make_train_step

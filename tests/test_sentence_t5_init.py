@@ -15,7 +15,7 @@ from transformers import T5Config, T5EncoderModel
 from clippy_jax.convert import CheckpointMismatchError
 from clippy_jax.convert.__main__ import main
 from clippy_jax.convert.common import CONFIG_FILE
-from clippy_jax.evaluate.checkpoints import load_config_file
+from clippy_jax.evaluate.loading import load_config_file
 from clippy_jax.models import build_model
 from clippy_jax.train.loop import initialize_from_pretrained
 from tests.helpers import REPO
