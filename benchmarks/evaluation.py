@@ -61,10 +61,12 @@ def _context(prompts: list[list[str]]) -> engine.EvalContext:
     params = jax.jit(lambda rng: model.init(rng, batch)["params"])(jax.random.key(0))
     config = ml_collections.ConfigDict(dict(
         mesh=dict(data=-1, fsdp=1, model=1),
-        eval=dict(batch_size=_BATCH_SIZE.value, num_overlays=0, progress=False),
+        eval=dict(batch_size=_BATCH_SIZE.value, num_overlays=0, progress=False, max_examples=0),
     ))
     data = ml_collections.ConfigDict(dict(mean=(0.5,) * 3, std=(0.25,) * 3))
-    return engine.EvalContext(config, model, params, tokenizer, data, sharding.make_mesh(config.mesh))
+    context = engine.EvalContext(config, model, tokenizer, data, sharding.make_mesh(config.mesh))
+    context.use_params(params)
+    return context
 
 
 def _examples(count: int, seed: int) -> engine.Examples:

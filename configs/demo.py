@@ -126,5 +126,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         every_steps=0,  # > 0: also evaluate during training
         batch_size=64,
         num_overlays=6,
+        max_examples=0,  # > 0: only the first examples of each split
+        progress=True,  # progress bars on the console
     )
     return config

@@ -7,6 +7,7 @@ Dataset paths are required: pass them as overrides, e.g.
 """
 
 import math
+import os
 
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -89,5 +90,7 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         profile_first_step=10,
     )
     config.mesh = dict(data=-1, fsdp=1, model=1)
-    config.eval = dict(evaluators=(), every_steps=10_000, batch_size=256, num_overlays=8)
+    # manual_dir / tfds_dir: where evaluators of datasets find them (clippy_jax/data/eval_datasets/README.md)
+    config.eval = dict(evaluators=(), every_steps=10_000, batch_size=256, num_overlays=8, max_examples=0,
+                       progress=True, manual_dir="", tfds_dir=os.path.expanduser("~/tensorflow_datasets"))
     return config

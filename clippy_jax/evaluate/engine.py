@@ -111,7 +111,7 @@ class EvalContext:
         return self._runners[key]
 
     def progress(self, total: int, desc: str) -> tqdm.tqdm:
-        enabled = self.config.eval.get("progress", True) and jax.process_index() == 0
+        enabled = self.config.eval.progress and jax.process_index() == 0
         return tqdm.tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
 
 
@@ -142,7 +142,7 @@ def dataset_examples(ctx: EvalContext, task: ml_collections.ConfigDict) -> Examp
     manual_dir = task.get("manual_dir") or ctx.config.eval.manual_dir
     builder = eval_datasets.builder(task.dataset, manual_dir, ctx.config.eval.tfds_dir)
     ds = builder.as_dataset(split=task.get("split") or builder.EVAL_SPLIT, shuffle_files=False)
-    max_examples = task.get("max_examples") or ctx.config.eval.get("max_examples", 0)
+    max_examples = task.get("max_examples") or ctx.config.eval.max_examples
     if max_examples:
         ds = ds.take(max_examples)
     num_global = int(ds.cardinality())
