@@ -16,7 +16,7 @@ from clippy_jax.convert import CheckpointMismatchError
 from clippy_jax.convert.__main__ import main
 from clippy_jax.convert.common import CONFIG_FILE
 from clippy_jax.evaluate.loading import load_config_file
-from clippy_jax.models import build_model
+from clippy_jax.models import build_model, tower_kwargs
 from clippy_jax.train.loop import initialize_from_pretrained
 from tests.helpers import REPO
 
@@ -73,8 +73,9 @@ def test_sentence_t5_initialises_the_cc12m_text_tower(sentence_t5):
         converted = json.load(f)["model"]
     config, params = _cc12m(out, embed_dim=768)  # the sentence-T5 Dense is the text projection
     assert (converted["text_pool"], converted["embed_dim"]) == (config.model.text_pool, 768)
+    _, text_tower = tower_kwargs(config.model.image, config.model.text)  # the T5-base preset, expanded
     assert {k: converted["text"][k] for k in ("embed_dim", "depth", "num_heads", "head_dim", "mlp_dim")} == {
-        k: config.model.text[k] for k in ("embed_dim", "depth", "num_heads", "head_dim", "mlp_dim")}
+        k: text_tower[k] for k in ("embed_dim", "depth", "num_heads", "head_dim", "mlp_dim")}
     merged = initialize_from_pretrained(params, config.init)
     text = merged["text_tower"]
     np.testing.assert_array_equal(text["token_embedder"]["embedding"], state["shared.weight"])

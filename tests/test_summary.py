@@ -26,7 +26,7 @@ def _config(text_variant: str, image_size: int = 224, keep_ratio: float = 1.0) -
                    image_pool="max", text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
                    embed_dim=512, temperature_init=0.07, dtype="bfloat16",
                    param_dtype="float32"),
-        data=dict(image_size=image_size, max_text_length=16, keep_ratio=keep_ratio),
+        data=dict(image_size=image_size, max_text_length=16, keep_ratio=keep_ratio, keep_patches=0),
     ))
 
 
