@@ -4,6 +4,7 @@ Logical axis names follow t5x: `batch`, `length`, `embed`, `mlp`, `heads`, `kv`,
 rules in `clippy_jax.train.sharding` map them onto mesh axes.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -222,10 +223,51 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
-def transformer_block(remat: str) -> type[TransformerBlock]:
-    """`TransformerBlock`, rematerialised by the named policy of `REMAT_POLICIES` (or 'none')."""
+def _zero_after(tree) -> jax.Array:
+    """A float32 zero computed from every floating-point array of `tree` (0 even where they hold inf or NaN)."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return jnp.nan_to_num(sum(jnp.sum(leaf, dtype=jnp.float32) for leaf in leaves) * 0)
+
+
+def _after(tree, dependency):
+    """`tree` with every floating-point array made data-dependent on `dependency` (by adding an exact zero)."""
+    zero = _zero_after(dependency)
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class RematTransformerBlock(TransformerBlock):
+    """`TransformerBlock` that keeps what `remat_policy` (a key of `REMAT_POLICIES`) saves and recomputes
+    the rest in the backward pass, one block at a time.
+
+    Its custom vjp makes the kept residuals wait for the block's output cotangent before the recomputation
+    starts, and the cotangent of the block's input wait for the gradients of the block's parameters.
+    XLA:CPU drops JAX's optimisation barriers before it schedules; without these data dependencies its
+    schedulers compute the recomputation in the forward pass and run the input-gradient chain of every
+    block before all weight-gradient matmuls, keeping every block's activations live, so that
+    `jax.checkpoint` alone saves no memory there (BENCHMARKS.md, issue 11). The values are unchanged.
+    """
+
+    remat_policy: str = "full"
+
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, lengths: jax.Array | None = None
+    ) -> jax.Array:
+        block = nn.checkpoint(TransformerBlock.__call__, policy=REMAT_POLICIES[self.remat_policy])
+
+        def forward(module, x, bias, lengths):
+            return nn.vjp(block, module, x, bias, lengths)  # the residuals: what the policy keeps
+
+        def backward(vjp_fn, cotangent):
+            params_t, *inputs_t = _after(vjp_fn, cotangent)(cotangent)
+            return (params_t, *_after(inputs_t, params_t))
+
+        return nn.custom_vjp(block, forward_fn=forward, backward_fn=backward)(self, x, bias, lengths)
+
+
+def transformer_block(remat: str) -> Callable[..., TransformerBlock]:
+    """`TransformerBlock`, or `RematTransformerBlock` with the named policy of `REMAT_POLICIES`."""
     if remat == "none":
         return TransformerBlock
     if remat not in REMAT_POLICIES:
         raise ValueError(f"Unknown remat={remat!r}; choose 'none' or one of {sorted(REMAT_POLICIES)}.")
-    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[remat])
+    return functools.partial(RematTransformerBlock, remat_policy=remat)
