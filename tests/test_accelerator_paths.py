@@ -174,3 +174,30 @@ assert temporaries("full") < 0.5 * plain and temporaries("dots") < 0.6 * plain, 
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=repo)
+
+
+def test_bf16_matmul_matches_float64_and_runs_bf16_dots_on_the_cpu():
+    """`bf16_matmul` (the towers' dense layers in bf16 on a CPU): value and gradients equal float64 numpy on the
+    bf16-rounded operands to bf16 precision, and XLA:CPU keeps its forward and input-gradient dots in bf16."""
+    import re
+
+    from clippy_jax.models.layers import bf16_matmul
+
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.normal(size=s).astype(np.float32) for s in ((37, 48), (48, 20), (37, 20)))
+    xb, wb, gb = (np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) for a in (x, w, g))
+    y, vjp = jax.vjp(bf16_matmul, jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+    dx, dw = vjp(jnp.asarray(g, jnp.bfloat16))
+    for got, expected in ((y, xb @ wb), (dx, gb @ wb.T), (dw, xb.T @ gb)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+
+    def loss(x, w):
+        return jnp.sum(bf16_matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).astype(jnp.float32) ** 2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile().as_text()
+    operand_types = []
+    for computation in re.split(r"\n(?=\S)", hlo):
+        if " dot(" in computation:
+            operand_types.append(re.findall(r"= (\w+)\[[\d,]*\]\{[\d,]*\} parameter", computation)[:2])
+    assert operand_types.count(["bf16", "bf16"]) >= 2, operand_types
