@@ -1,7 +1,7 @@
 """Train-step throughput, JAX vs PyTorch, for the same two-tower model, on the CPU or a GPU.
 
   python benchmarks/train_step.py --preset=paper [--batch_size=N] [--frameworks=jax,torch,torch_compile] \
-      [--steps=5] [--warmup=3] [--rounds=1] [--remat=none|dots|full] [--attention=auto|xla|cudnn] \
+      [--steps=5] [--warmup=3] [--rounds=1] [--remat=dots|none|full] [--attention=auto|xla|cudnn] \
       [--device=auto|cpu|gpu] [--json=rows.json]
 
 Presets (`PRESETS`): `paper` is the geometry the paper trains with: ViT-B/16 at 448x448 with 80% of the
@@ -378,7 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (after the warm-up).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--frameworks", default="jax,torch", help=f"Comma-separated subset of {','.join(FRAMEWORKS)}.")
-    parser.add_argument("--remat", default="none", help="JAX towers' remat policy (none, dots, full).")
+    parser.add_argument("--remat", default="dots",
+                        help="JAX towers' remat policy (none, dots, full); configs/paper.py's default: dots.")
     parser.add_argument("--attention", default="auto", help="JAX attention kernel (auto, xla, cudnn).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                         help="cpu hides accelerators from both frameworks; auto and gpu leave them visible.")

@@ -19,11 +19,12 @@ from tests.helpers import REPO
 BATCH = 16
 
 
-def _configs():
+def _configs(remat: str = "none"):
     model = ml_collections.ConfigDict(dict(
-        image=dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), use_cls_token=True),
+        image=dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), use_cls_token=True,
+                   remat=remat),
         text=dict(vocab_size=64, embed_dim=32, depth=2, num_heads=2, head_dim=16, mlp_dim=64,
-                  activations=("gelu_tanh", "linear")),
+                  activations=("gelu_tanh", "linear"), remat=remat),
         image_pool="max", text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
         embed_dim=16, temperature_init=0.07, dtype="float32",
         param_dtype="float32",
@@ -43,9 +44,9 @@ def _batches(steps: int) -> list[dict[str, np.ndarray]]:
     return batches
 
 
-def train(mesh_shape: tuple[int, int, int], steps: int, loss_block_size: int = 0):
+def train(mesh_shape: tuple[int, int, int], steps: int, loss_block_size: int = 0, remat: str = "none"):
     """Runs `steps` steps on fixed batches; with several processes, each feeds its slice of the batch."""
-    model_config, optim_config = _configs()
+    model_config, optim_config = _configs(remat)
     model = build_model(model_config)
     tx, schedule = make_optimizer(optim_config, total_steps=10)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
@@ -83,6 +84,15 @@ def test_meshes_match_one_device(single_device, mesh_shape, loss_block_size):
     kernel = state.params["text_tower"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
     assert len(kernel.addressable_shards) == 8
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_rematerialised_towers_on_a_mesh_match_one_device_without_remat(single_device, remat):
+    losses, state = train((2, 2, 2), steps=3, remat=remat)
+    ref_losses, ref_params = single_device
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=0), jax.device_get(state.params),
+                 ref_params)
 
 
 def test_two_processes_match_one_process(tmp_path):

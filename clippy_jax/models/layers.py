@@ -4,11 +4,14 @@ Logical axis names follow t5x: `batch`, `length`, `embed`, `mlp`, `heads`, `kv`,
 rules in `clippy_jax.sharding` map them onto mesh axes.
 """
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = jnp.dtype
 Initializer = Callable[..., jax.Array]
@@ -30,6 +33,51 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 def dense_init(axes: tuple[str | None, ...], init: Initializer | None = None):
     """An initializer (default Xavier-uniform) that attaches t5x logical axis names to the parameter."""
     return nn.with_logical_partitioning(init or nn.initializers.xavier_uniform(), axes)
+
+
+def _dot_f32(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """2-d matmul contracting a's axis contract[0] with b's axis contract[1], accumulated and returned in float32."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [N, C] @ w [C, F] -> [N, F] in bfloat16, every product accumulated in float32, forward and backward.
+
+    XLA:CPU runs a bf16 x bf16 -> bf16 dot (what `x @ w` and JAX's transposes emit) by converting both
+    operands to float32; bf16 x bf16 -> f32 dots run on its bf16 kernels (AVX-512 BF16 / AMX) instead.
+    """
+    return _dot_f32(x, w, (1, 0)).astype(jnp.bfloat16)
+
+
+def _bf16_matmul_fwd(x: jax.Array, w: jax.Array):
+    return bf16_matmul(x, w), (x, w)
+
+
+def _bf16_matmul_bwd(residuals, g: jax.Array):
+    x, w = residuals
+    g = g.astype(jnp.bfloat16)
+    return _dot_f32(g, w, (1, 1)).astype(x.dtype), _dot_f32(x, g, (0, 0)).astype(w.dtype)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def contract_last(x: jax.Array, kernel: jax.Array, num_contract: int) -> jax.Array:
+    """x [..., *C] . kernel [*C, *F] -> [..., *F], both in the compute dtype; bf16 on a CPU takes `bf16_matmul`."""
+    if x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        contracted = math.prod(kernel.shape[:num_contract])
+        y = checkpoint_name(bf16_matmul(x.reshape(-1, contracted), kernel.reshape(contracted, -1)), "bf16_matmul")
+        return y.reshape(*x.shape[:x.ndim - num_contract], *kernel.shape[num_contract:])
+    dims = (tuple(range(x.ndim - num_contract, x.ndim)), tuple(range(num_contract)))
+    return jax.lax.dot_general(x, kernel, (dims, ((), ())))
+
+
+def dense_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, **kwargs) -> jax.Array:
+    """`flax.linen.Dense`'s `dot_general` (contracting the last input axis) through `contract_last`."""
+    if precision is None and not kwargs and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())):
+        return contract_last(lhs, rhs, 1)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
 
 
 class DenseGeneral(nn.Module):
@@ -56,8 +104,7 @@ class DenseGeneral(nn.Module):
             in_axis=tuple(range(self.num_contract)), out_axis=tuple(range(self.num_contract, len(kernel_shape))),
         )
         kernel = self.param("kernel", dense_init(self.kernel_axes, init), kernel_shape, self.param_dtype)
-        dims = (tuple(range(x.ndim - self.num_contract, x.ndim)), tuple(range(self.num_contract)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+        y = contract_last(x.astype(self.dtype), kernel.astype(self.dtype), self.num_contract)
         if self.use_bias:
             bias_axes = self.kernel_axes[self.num_contract:]
             bias = self.param("bias", dense_init(bias_axes, nn.initializers.zeros), self.features, self.param_dtype)
@@ -151,6 +198,7 @@ class MlpBlock(nn.Module):
                 bias_init=dense_init(axes[-1:], nn.initializers.zeros),
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                dot_general=dense_dot_general,
                 name=name,
             )
 
@@ -217,15 +265,59 @@ class TransformerBlock(nn.Module):
 # the outputs of the weight matmuls and recomputes the attention matrices, norms and activations;
 # 'full' keeps only the block's input.
 REMAT_POLICIES: dict[str, Callable | None] = {
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("bf16_matmul"),  # the weight matmuls in bf16 on a CPU
+    ),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 
-def transformer_block(remat: str) -> type[TransformerBlock]:
-    """`TransformerBlock`, rematerialised by the named policy of `REMAT_POLICIES` (or 'none')."""
+def _zero_after(tree) -> jax.Array:
+    """A float32 zero computed from every floating-point array of `tree` (0 even where they hold inf or NaN)."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return jnp.nan_to_num(sum(jnp.sum(leaf, dtype=jnp.float32) for leaf in leaves) * 0)
+
+
+def _after(tree, dependency):
+    """`tree` with every floating-point array made data-dependent on `dependency` (by adding an exact zero)."""
+    zero = _zero_after(dependency)
+    return jax.tree.map(lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+class RematTransformerBlock(TransformerBlock):
+    """`TransformerBlock` that keeps what `remat_policy` (a key of `REMAT_POLICIES`) saves and recomputes
+    the rest in the backward pass, one block at a time.
+
+    Its custom vjp makes the kept residuals wait for the block's output cotangent before the recomputation
+    starts, and the cotangent of the block's input wait for the gradients of the block's parameters.
+    XLA:CPU drops JAX's optimisation barriers before it schedules; without these data dependencies its
+    schedulers compute the recomputation in the forward pass and run the input-gradient chain of every
+    block before all weight-gradient matmuls, keeping every block's activations live, so that
+    `jax.checkpoint` alone saves no memory there (BENCHMARKS.md, issue 11). The values are unchanged.
+    """
+
+    remat_policy: str = "full"
+
+    def __call__(
+        self, x: jax.Array, bias: jax.Array | None = None, lengths: jax.Array | None = None
+    ) -> jax.Array:
+        block = nn.checkpoint(TransformerBlock.__call__, policy=REMAT_POLICIES[self.remat_policy])
+
+        def forward(module, x, bias, lengths):
+            return nn.vjp(block, module, x, bias, lengths)  # the residuals: what the policy keeps
+
+        def backward(vjp_fn, cotangent):
+            params_t, *inputs_t = _after(vjp_fn, cotangent)(cotangent)
+            return (params_t, *_after(inputs_t, params_t))
+
+        return nn.custom_vjp(block, forward_fn=forward, backward_fn=backward)(self, x, bias, lengths)
+
+
+def transformer_block(remat: str) -> Callable[..., TransformerBlock]:
+    """`TransformerBlock`, or `RematTransformerBlock` with the named policy of `REMAT_POLICIES`."""
     if remat == "none":
         return TransformerBlock
     if remat not in REMAT_POLICIES:
         raise ValueError(f"Unknown remat={remat!r}; choose 'none' or one of {sorted(REMAT_POLICIES)}.")
-    return nn.remat(TransformerBlock, policy=REMAT_POLICIES[remat])
+    return functools.partial(RematTransformerBlock, remat_policy=remat)
