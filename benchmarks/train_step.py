@@ -378,8 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="Timed steps (after the warm-up).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--frameworks", default="jax,torch", help=f"Comma-separated subset of {','.join(FRAMEWORKS)}.")
-    parser.add_argument("--remat", default="dots",
-                        help="JAX towers' remat policy (none, dots, full); configs/paper.py's default: dots.")
+    parser.add_argument("--remat", default="none",
+                        help="JAX towers' remat policy (none, dots, full); configs/paper.py's default: none.")
     parser.add_argument("--attention", default="auto", help="JAX attention kernel (auto, xla, cudnn).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                         help="cpu hides accelerators from both frameworks; auto and gpu leave them visible.")

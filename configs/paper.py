@@ -46,13 +46,13 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         # patch_stride < 16: overlapping patches (appendix E, "Patch Sub-Sampling"; the stride is not
         # stated), e.g. --config.model.image.patch_stride=8 --config.data.keep_patches=196 keeps the
         # sequence length of the 224 grid.
-        # remat="dots": the blocks keep their weight-matmul outputs and recompute attention, norms and
-        # activations in the backward pass (not in the paper): at the paper's geometry on a CPU, 0.5 instead of
-        # 1.7 GiB of XLA temporaries per 8 examples (BENCHMARKS.md, issue 11); "none" / "full" for less / more.
+        # remat (not in the paper): "dots" keeps the blocks' weight-matmul outputs and recomputes attention,
+        # norms and activations in the backward pass, "full" keeps only the block inputs: less activation
+        # memory for ~15% more time per step at this geometry (BENCHMARKS.md, issue 11).
         image=dict(variant="B/16", patch_stride=16, posemb_grid=(14, 14), use_cls_token=True,
-                   remat="dots"),  # ViT-B/16 (appendix D.1)
+                   remat="none"),  # ViT-B/16 (appendix D.1)
         # T5-base encoder (appendix D.1: 12 layers, 12 heads, 768 channels) with T5's 32k vocabulary
-        text=dict(size="base", variant="t5_1_0", vocab_size=32128, remat="dots"),
+        text=dict(size="base", variant="t5_1_0", vocab_size=32128, remat="none"),
         image_pool="max",  # CLIPpy's spatial max (Sec. 3)
         text_pool="mean",  # average pooling of tokens (appendix Tab. 8)
         pool_temperature=0.1,  # softmax temperature of the 'wmp' and 'tsp' ablation heads (appendix Tab. 10)
