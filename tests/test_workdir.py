@@ -39,9 +39,9 @@ def test_the_second_periodic_evaluation_compiles_nothing(tiny_run):
     assert "Evaluated step 8 in" in result.stderr and "(0 XLA compilations)" in result.stderr
 
 
-def test_a_training_config_with_model_presets_trains(tmp_path):
+def test_a_training_config_with_model_presets_trains(tiny_run, tmp_path):
     """`model.image.variant` (ViT preset) and `model.text.size` (T5 preset) in a training config; keys given
-    next to a preset override it (here the depth, to keep the test small)."""
+    next to a preset override it (here the depth, to keep the test small). The tiny run's demo data is reused."""
     config = tmp_path / "preset.py"
     config.write_text(
         "import importlib.util\n"
@@ -55,7 +55,8 @@ def test_a_training_config_with_model_presets_trains(tmp_path):
         "    return config\n"
     )
     workdir = tmp_path / "run"
-    run_main(str(workdir), "--config.train.steps=2", "--config.eval.evaluators=()", config=str(config))
+    run_main(str(workdir), "--config.train.steps=2", "--config.eval.evaluators=()",
+             f"--config.data.synthetic.directory={os.path.join(tiny_run[0], 'data')}", config=str(config))
     with open(workdir / "checkpoints" / "2" / "config" / "metadata") as f:
         recorded = json.load(f)
     assert recorded["model"]["image"]["variant"] == "Ti/8"
