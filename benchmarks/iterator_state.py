@@ -80,7 +80,8 @@ def demo_settings(size: str, directory: str) -> tuple[ml_collections.ConfigDict,
     config = module.get_config(f"size={size}")
     config.data.synthetic.directory = os.path.join(directory, f"demo_{size}")
     geometry = patch_geometry(tower_kwargs(config.model.image, config.model.text)[0])
-    return demo_data.prepare_data(config, directory), geometry, config.train.batch_size, float("nan")
+    data = demo_data.prepare_data(demo_data.data_paths(config, directory))
+    return data, geometry, config.train.batch_size, float("nan")
 
 
 def _directory_bytes(directory: str) -> int:

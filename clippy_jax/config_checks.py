@@ -14,7 +14,7 @@ from clippy_jax.data import eval_datasets, pipeline, sources
 from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
-from clippy_jax.models.vit import VisionTransformer
+from clippy_jax.models.vit import VisionTransformer, patch_geometry, patch_grid
 from clippy_jax.sharding import mesh_shape
 
 # Evaluators that read the held-out split of `data.eval_pattern` (written by the demo for source=synthetic).
@@ -82,8 +82,8 @@ def _check_data(root: ml_collections.ConfigDict) -> None:
         _fail(f"data.{key}", data[key], "is not a data setting: the pipeline cuts the patches the ViT embeds",
               f"set config.model.image.{key} only (it is read by the pipeline and the model)")
     size = _integer(root, "data.image_size", 1)
-    patch = _integer(root, "model.image.patch_size", 1)
-    stride = root.model.image.get("patch_stride") or patch  # 0 / None: patches side by side
+    _integer(root, "model.image.patch_size", 1)
+    patch, stride = patch_geometry(root.model.image)
     if not 1 <= stride <= patch:
         _fail("model.image.patch_stride", stride, f"must be in [1, {patch}] (the patch size)",
               "pass a smaller stride for overlapping patches, or 0 for patches side by side")
@@ -93,7 +93,7 @@ def _check_data(root: ml_collections.ConfigDict) -> None:
     if size < patch or (size - patch) % stride:
         _fail("data.image_size", size, f"is not covered by {patch}-pixel patches {stride} pixels apart "
               "(config.model.image.patch_size / patch_stride)", f"use {patch} + a multiple of {stride}")
-    total = ((size - patch) // stride + 1) ** 2
+    total = math.prod(patch_grid((size, size), patch, stride))
     if data.keep_patches:
         _integer(root, "data.keep_patches", 0)
         if data.keep_patches > total:

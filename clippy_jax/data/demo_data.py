@@ -118,9 +118,8 @@ def data_paths(config: ml_collections.ConfigDict, workdir: str) -> ml_collection
     return data
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """`data_paths`, after generating the synthetic demo data on first use."""
-    data = data_paths(config, workdir)
+def prepare_data(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `data` section resolved by `data_paths`, after generating the synthetic demo data on first use."""
     if data.source == "synthetic":
         ensure_demo_data(data.synthetic, os.path.dirname(data.tokenizer_path))
     required = ("tokenizer_path",) if data.source == "tfds" else ("train_pattern", "tokenizer_path")

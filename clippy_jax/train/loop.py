@@ -160,7 +160,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         saved = checkpointer.saved_config(latest)
         config_checks.check_resume(settings, None if saved is None else config_checks.flatten(saved), workdir,
                                    latest, total_steps)
-    data_config = demo_data.prepare_data(config, workdir)
+    data_config = demo_data.prepare_data(resolved.data)
     _keep_tokenizer(data_config.tokenizer_path, workdir)
     tokenizer = Tokenizer(data_config.tokenizer_path, config.data.max_text_length)
     config_checks.check_vocab(config, tokenizer.vocab_size)
