@@ -6,7 +6,10 @@ keeps 29 examples and skips 3 bad images, 2 empty captions and 2 bad shards.
 """
 
 import io
+import json
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 
@@ -312,3 +315,44 @@ def test_iterator_state_does_not_grow_with_the_shuffle_buffer(shards, tokenizer,
     encoded = sum(len(e["image"]) for e in sources.examples(shards, seed=0, epochs=1).as_numpy_iterator())
     assert encoded > 64 * 1024  # the 256-example buffer would hold more than the bound
     assert sizes[256] < 64 * 1024 and sizes[256] <= sizes[4] + 512, sizes
+
+
+_ALLOCATOR_PROBE = """
+import ctypes, ctypes.util, json, resource, sys
+import numpy as np
+import ml_collections
+from clippy_jax.data import pipeline
+from clippy_jax.data.tokenizer import Tokenizer
+
+def faults_per_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(100):
+        np.ones(1 << 20, np.uint8)  # 1 MiB, freed at once: 256 fresh pages whenever it is mapped anew
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100
+
+ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 << 10)  # what TensorFlow's generator kernel sets
+with_tensorflow_threshold = faults_per_buffer()
+config, tokenizer_path, patch_geometry = json.loads(sys.argv[1])
+dataset = pipeline.train_dataset(ml_collections.ConfigDict(config), Tokenizer(tokenizer_path, 16), 4, seed=0,
+                                 patch_geometry=tuple(patch_geometry))
+next(pipeline.InputIterator(dataset))
+print(json.dumps([with_tensorflow_threshold, faults_per_buffer()]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_pipeline_leaves_large_buffers_reused_not_mapped_anew(tokenizer, tmp_path):
+    """TensorFlow's generator kernel fixes glibc's mmap threshold at 128 KiB, after which every freed
+    1 MiB buffer is unmapped and faults in 256 fresh pages when allocated again (the control, measured
+    first in the same fresh process). After the pipeline's iterator is made, such buffers are reused."""
+    directory = str(tmp_path / "shards")
+    _write_shards(directory, "tfrecord")
+    config = data_config(train_pattern=os.path.join(directory, "train-*.tfrecord"))
+    tokenizer_path = tmp_path / "spm.model"
+    tokenizer_path.write_bytes(tokenizer.model_proto)
+    probe = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE,
+                            json.dumps([config.to_dict(), str(tokenizer_path), GEOMETRY])],
+                           capture_output=True, text=True, check=True)
+    with_tensorflow_threshold, with_pipeline = json.loads(probe.stdout.splitlines()[-1])
+    assert with_tensorflow_threshold > 200, with_tensorflow_threshold
+    assert with_pipeline < 10, with_pipeline

@@ -34,6 +34,8 @@ read: up to 3 x shuffle_buffer encoded examples (20k x 80 KB x 3 = 4.8 GB at the
 """
 
 import atexit
+import ctypes
+import ctypes.util
 import dataclasses
 import io
 import os
@@ -70,6 +72,26 @@ _WITH_COUNTERS: "weakref.WeakKeyDictionary[tf.data.Dataset, Callable]" = weakref
 _SKIPS_MESSAGE = "consecutive records were skipped"
 # Seconds between checks of the caller's cancellation while waiting for a batch.
 _POLL_SECONDS = 0.5
+# glibc's mallopt parameters, and the values its dynamic mmap threshold settles at on 64-bit Linux
+# (DEFAULT_MMAP_THRESHOLD_MAX, and trimming at twice the threshold); see `_restore_malloc_thresholds`.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_BYTES = 32 << 20
+
+
+def _restore_malloc_thresholds() -> None:
+    """Undoes what building a `from_generator` dataset does to the process's allocator.
+
+    TensorFlow's generator dataset kernel (built when an iterator over the pipeline is made) calls
+    `mallopt(M_MMAP_THRESHOLD, 128 KiB)` under Python >= 3.11. A fixed threshold turns glibc's dynamic
+    one off for good: every buffer above 128 KiB is then mapped and unmapped at each use, so XLA:CPU
+    faults in ~400 MB of fresh pages per train step (the demo's step ran 1.35x slower next to the
+    pipeline, BENCHMARKS.md). This sets the thresholds that the dynamic mode would have reached.
+    No-op where the C library has no `mallopt` (macOS).
+    """
+    mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_BYTES)
 
 
 class InputStalledError(RuntimeError):
@@ -335,6 +357,7 @@ class InputIterator:
         `_POLL_SECONDS`; the iterator then cannot be saved)."""
         if self._iterator is None:
             self._iterator = iter(self._batches)
+            _restore_malloc_thresholds()
         self._read = self._read or _Read(self._iterator)
         deadline = None if self._max_wait is None else time.monotonic() + self._max_wait
         while not self._read.done.wait(_POLL_SECONDS):
