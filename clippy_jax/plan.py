@@ -284,10 +284,10 @@ def advice(plan: dict, memory: float, config: ml_collections.ConfigDict) -> list
         lines.append(f"shard the parameters, gradients and optimiser state: --config.mesh.fsdp={data * fsdp} "
                      f"--config.mesh.data=1 (state {state / GB:.2f} GB per device now, about "
                      f"{state / data / GB:.2f} GB then)")
-    towers = [t for t in ("image", "text") if not config.model[t].get("remat")]
+    towers = [t for t in ("image", "text") if config.model[t].get("remat", "none") == "none"]
     if towers:
-        lines.append("rematerialise the transformer blocks (temporaries fall towards one layer's activations): "
-                     + " ".join(f"--config.model.{t}.remat=True" for t in towers))
+        lines.append("rematerialise the transformer blocks (keep the matmul outputs, recompute the rest): "
+                     + " ".join(f"--config.model.{t}.remat=dots" for t in towers))
     lines.append(f"halve the batch per device (temporaries {plan['temporaries'] / GB:.2f} GB scale with it): "
                  f"--config.train.batch_size={plan['global_batch'] // 2}, or more devices")
     return lines

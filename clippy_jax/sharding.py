@@ -5,7 +5,8 @@ state sharded along `embed`), `model` (tensor parallelism over `mlp`, `heads` an
 The batch is sharded over (`data`, `fsdp`).
 """
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -65,6 +66,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh) -> Iterator[None]:
+    """Around a model call inside a jitted function: the model's `nn.with_logical_constraint`s become
+    sharding constraints on `mesh` through LOGICAL_AXIS_RULES, whatever context the function is
+    traced or lowered in. (Flax drops them silently when no mesh is in context.)"""
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        yield
 
 
 def logical_shardings(logical_specs, mesh: Mesh):

@@ -77,11 +77,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         image=dict(
             patch_size=patch, patch_stride=stride, width=vit_width, depth=vit_depth, num_heads=vit_heads,
             mlp_dim=vit_mlp, posemb_grid=(8, 8), use_cls_token=True,
+            remat="none",  # or a policy ("dots", "full") that trades recomputation for memory
         ),
         text=dict(
             vocab_size=0,  # 0: the size of the tokenizer trained on the demo captions
             embed_dim=t5_width, depth=t5_depth, num_heads=t5_heads, head_dim=t5_width // t5_heads,
-            mlp_dim=t5_mlp, activations=("gelu_tanh", "linear"),
+            mlp_dim=t5_mlp, activations=("gelu_tanh", "linear"), remat="none",
         ),
         image_pool=options["pool"],  # CLIPpy: spatial max (paper Sec. 3)
         text_pool="mean",  # paper appendix Tab. 8

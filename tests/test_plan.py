@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from clippy_jax import plan, sharding
+from clippy_jax import config_checks, plan, sharding
 from clippy_jax.models import build_model
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import create_train_state
@@ -82,3 +82,21 @@ def test_collectives_are_found_with_their_bytes_and_mesh_axes():
     found = plan.collectives(jax.jit(mapped).lower(x, y).compile().as_text(), mesh)
     assert {(c.kind, c.bytes, c.group_size, c.axes) for c in found} == {
         ("all-reduce", 4 * 16 * 4, 2, ("fsdp",)), ("all-gather", 4 * 4, 2, ("model",))}
+
+
+def test_advice_for_a_plan_that_does_not_fit_names_valid_settings():
+    """Each suggested flag is one the config accepts: remat is offered (as a policy) only for the towers
+    that have none, FSDP only when the state is large and data-parallel."""
+    config = _load_config()
+    config.model.text.remat = "full"
+    gb = plan.GB
+    too_big = dict(params=4 * gb, opt_state=8 * gb, grads=4 * gb, temporaries=60 * gb, global_batch=256,
+                   mesh=dict(data=8, fsdp=1, model=1))
+    lines = plan.advice(too_big, memory=16 * gb, config=config)
+    assert any("--config.mesh.fsdp=8 --config.mesh.data=1" in line for line in lines), lines
+    remat = [line for line in lines if "remat" in line]
+    assert len(remat) == 1 and "--config.model.image.remat=dots" in remat[0] and "text" not in remat[0], lines
+    assert "--config.train.batch_size=128" in lines[-1]
+    overrides = [flag for line in lines for flag in re.findall(r"--config\.(\S+)=", line)]
+    flat = config_checks.flatten(config)
+    assert all(key in flat for key in overrides), overrides

@@ -173,7 +173,7 @@ class BatchRunner:
         batch = sharding.batch_sharding(ctx.mesh)
 
         def apply(params, images, *args):
-            with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            with sharding.activation_sharding(ctx.mesh):
                 return fn(params, images, *args)
 
         self.fn = jax.jit(apply, out_shardings=batch)

@@ -101,7 +101,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
-            with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            with sharding.activation_sharding(mesh):
                 out = model.apply({"params": params}, batch, grid_shape)
             if loss_block_size:
                 return blocked_contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
