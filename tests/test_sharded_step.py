@@ -122,6 +122,18 @@ def test_activation_constraints_reach_the_step_however_it_is_lowered():
     assert collective_bytes(outside) == collective_bytes(under)
 
 
+def test_fsdp_gathers_weights_not_activations_across_data():
+    """On a data x fsdp mesh the step gathers weights within each `fsdp` group, never activations over
+    `data` (which crosses the slow links between nodes): T5's token lookup once gathered the whole batch's
+    embeddings over `data` (BENCHMARKS.md, pod plan)."""
+    lowered, mesh = _lowered_step((2, 4, 1), under_mesh=False)
+    found = plan.collectives(lowered.compile().as_text(), mesh)
+    assert any(c.kind == "all-gather" and c.axes == ("fsdp",) for c in found)
+    # Over (data, fsdp) the loss gathers the batch's embeddings, as it must; nothing is gathered over `data` alone.
+    over_data = [c for c in found if c.kind in ("all-gather", "all-to-all") and c.axes == ("data",)]
+    assert not over_data, over_data
+
+
 def test_two_processes_match_one_process(tmp_path):
     """2 processes x 4 CPU devices on 127.0.0.1 (gloo collectives) give the 8-device losses."""
     port = _free_port()

@@ -105,7 +105,11 @@ class T5Encoder(nn.Module):
             name="token_embedder",
             **kw,
         )
-        x = embedder(tokens)  # [B, L, D]
+        # The lookup runs on a table whole along `embed` (under FSDP: gathered over `fsdp`, like every other
+        # weight), so the rows come out sharded like the batch; a lookup into the `embed`-sharded table
+        # made XLA gather the whole batch's embeddings over `data` instead (BENCHMARKS.md, pod plan).
+        table = nn.with_logical_constraint(embedder.embedding, ("vocab", None))  # [V, D]
+        x = jnp.take(table.astype(self.dtype), tokens, axis=0)  # [B, L, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return _T5Stack(
             depth=self.depth,
