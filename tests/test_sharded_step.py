@@ -1,5 +1,6 @@
 """The jitted train step gives the same results on one device and on meshes of 8 host devices."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -44,19 +45,25 @@ def _batches(steps: int) -> list[dict[str, np.ndarray]]:
     return batches
 
 
-def train(mesh_shape: tuple[int, int, int], steps: int, loss_block_size: int = 0, remat: str = "none"):
-    """Runs `steps` steps on fixed batches; with several processes, each feeds its slice of the batch."""
+def _step(mesh_shape: tuple[int, int, int], local_batch: dict, loss_block_size: int = 0, remat: str = "none"):
+    """(jitted step, initial state, mesh) of the test model on the first devices of `mesh_shape`."""
     model_config, optim_config = _configs(remat)
     model = build_model(model_config)
     tx, schedule = make_optimizer(optim_config, total_steps=10)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape))), devices)
+    state, shardings = create_train_state(model, tx, batch_spec(local_batch, jax.process_count()), mesh, seed=0)
+    step_fn = make_train_step(model, tx, schedule, shardings, mesh, max_logit_scale=np.log(100.0),
+                              loss_block_size=loss_block_size)
+    return step_fn, state, mesh
+
+
+def train(mesh_shape: tuple[int, int, int], steps: int, loss_block_size: int = 0, remat: str = "none"):
+    """Runs `steps` steps on fixed batches; with several processes, each feeds its slice of the batch."""
     local = BATCH // jax.process_count()
     rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     batches = [{k: v[rows] for k, v in batch.items()} for batch in _batches(steps)]
-    state, shardings = create_train_state(model, tx, batch_spec(batches[0], jax.process_count()), mesh, seed=0)
-    step_fn = make_train_step(model, tx, schedule, shardings, mesh, max_logit_scale=np.log(100.0),
-                              loss_block_size=loss_block_size)
+    step_fn, state, mesh = _step(mesh_shape, batches[0], loss_block_size, remat)
     losses = []
     with jax.set_mesh(mesh):
         for batch in batches:
@@ -89,28 +96,27 @@ def test_meshes_match_one_device(single_device, mesh_shape, loss_block_size, rem
 
 
 def _lowered_step(mesh_shape: tuple[int, int, int], under_mesh: bool):
-    model_config, optim_config = _configs()
-    model = build_model(model_config)
-    tx, schedule = make_optimizer(optim_config, total_steps=10)
-    mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(zip(sharding.MESH_AXES, mesh_shape))))
-    spec = batch_spec(_batches(1)[0], 1)
-    state, shardings = create_train_state(model, tx, spec, mesh, seed=0)
-    step_fn = make_train_step(model, tx, schedule, shardings, mesh, max_logit_scale=np.log(100.0))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh)) for k, v in spec.items()}
-    if under_mesh:
-        with jax.set_mesh(mesh):
-            return step_fn.lower(state, batch), mesh
-    return step_fn.lower(state, batch), mesh
+    """(the step lowered as the train loop does it, or under `jax.set_mesh`; its mesh)."""
+    step_fn, state, mesh = _step(mesh_shape, _batches(1)[0])
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+             for k, v in batch_spec(_batches(1)[0], 1).items()}
+    with jax.set_mesh(mesh) if under_mesh else contextlib.nullcontext():
+        return step_fn.lower(state, batch), mesh
 
 
-def test_activation_constraints_reach_the_step_however_it_is_lowered():
+@pytest.fixture(scope="module")
+def fsdp_step():
+    """(the step on data=2 x fsdp=4 lowered outside any mesh context, as the train loop does; its mesh)."""
+    return _lowered_step((2, 4, 1), under_mesh=False)
+
+
+def test_activation_constraints_reach_the_step_however_it_is_lowered(fsdp_step):
     """The train loop lowers its step outside `jax.set_mesh`, where Flax drops `nn.with_logical_constraint`
     silently: the step brings its own mesh, so it holds the towers' activation constraints and compiles to
     the same collectives as under the mesh. (Without them XLA all-reduced activations over `fsdp`: 2.9x the
     fsdp all-reduce bytes of the demo model, BENCHMARKS.md.)"""
-    mesh_shape = (2, 4, 1)
-    outside, mesh = _lowered_step(mesh_shape, under_mesh=False)
-    under, _ = _lowered_step(mesh_shape, under_mesh=True)
+    outside, mesh = fsdp_step
+    under, _ = _lowered_step((2, 4, 1), under_mesh=True)
     # One constraint per tower layer output at least: [batch, length, embed] activations of 2 + 2 layers.
     assert outside.as_text().count("sharding_constraint") >= 4
     assert outside.as_text().count("sharding_constraint") == under.as_text().count("sharding_constraint")
@@ -122,11 +128,11 @@ def test_activation_constraints_reach_the_step_however_it_is_lowered():
     assert collective_bytes(outside) == collective_bytes(under)
 
 
-def test_fsdp_gathers_weights_not_activations_across_data():
+def test_fsdp_gathers_weights_not_activations_across_data(fsdp_step):
     """On a data x fsdp mesh the step gathers weights within each `fsdp` group, never activations over
     `data` (which crosses the slow links between nodes): T5's token lookup once gathered the whole batch's
     embeddings over `data` (BENCHMARKS.md, pod plan)."""
-    lowered, mesh = _lowered_step((2, 4, 1), under_mesh=False)
+    lowered, mesh = fsdp_step
     found = plan.collectives(lowered.compile().as_text(), mesh)
     assert any(c.kind == "all-gather" and c.axes == ("fsdp",) for c in found)
     # Over (data, fsdp) the loss gathers the batch's embeddings, as it must; nothing is gathered over `data` alone.
