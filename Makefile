@@ -17,7 +17,7 @@ $(VENV)/.core-installed: pyproject.toml requirements.txt
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.dev-installed: $(VENV)/.core-installed requirements-test.txt requirements-convert.txt
+$(VENV)/.dev-installed: $(VENV)/.core-installed requirements-test.txt requirements-convert.txt requirements-aot.txt
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 

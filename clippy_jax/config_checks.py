@@ -58,17 +58,17 @@ def _get(config: ml_collections.ConfigDict, setting: str):
     return value
 
 
-def _check_data(root: ml_collections.ConfigDict) -> None:
+def _check_data(root: ml_collections.ConfigDict, paths: bool) -> None:
     data = root.data
     known = (*sources.FILE_SOURCES, "tfds")
     if data.source not in known:
         _fail("data.source", data.source, "is not a known source", f"choose one of {known}")
     if data.source == "tfds" and not data.tfds_name:
         _fail("data.tfds_name", data.tfds_name, "is empty but data.source='tfds'", "name a TFDS dataset")
-    if data.source not in ("synthetic", "tfds") and not data.train_pattern:
+    if paths and data.source not in ("synthetic", "tfds") and not data.train_pattern:
         _fail("data.train_pattern", data.train_pattern, f"is empty but data.source={data.source!r}",
               "pass the shards' glob pattern, e.g. --config.data.train_pattern='/data/cc12m/*.tar'")
-    if data.source != "synthetic" and not data.tokenizer_path:
+    if paths and data.source != "synthetic" and not data.tokenizer_path:
         _fail("data.tokenizer_path", data.tokenizer_path, f"is empty but data.source={data.source!r}",
               "pass a SentencePiece model (e.g. T5's spiece.model)")
     for setting in ("image_key", "text_key"):
@@ -220,18 +220,20 @@ def _check_init(init: ml_collections.ConfigDict) -> None:
                   "pass a directory written by `python -m clippy_jax.convert`, or 'random'")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
-    """Raises ConfigError for settings that would fail (or silently misbehave) later."""
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, paths: bool = True) -> None:
+    """Raises ConfigError for settings that would fail (or silently misbehave) later; `paths=False` leaves out
+    the data, tokenizer and initialisation paths (for `clippy_jax.plan`, which reads none of them)."""
     root = ml_collections.ConfigDict(config.to_dict())  # with the model presets expanded
     try:
         root.model.image, root.model.text = tower_kwargs(config.model.image, config.model.text)
         _integer(root, "seed", 0)
-        _check_data(root)
+        _check_data(root, paths)
         _check_model(root)
         _check_optim(root)
         _check_train(root, num_devices, process_count)
         _check_eval(root)
-        _check_init(root.init)
+        if paths:
+            _check_init(root.init)
     except ConfigError:
         raise
     except ValueError as error:  # the registries' and the mesh's own checks name their setting

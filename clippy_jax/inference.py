@@ -31,7 +31,7 @@ any work, naming the sizes, so that no input allocates more than that budget.
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
+from clippy_jax import platforms
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import geometry, grouping, loading, zero_shot
 from clippy_jax.evaluate.geometry import CLIP_MEAN, CLIP_STD
@@ -162,12 +163,21 @@ def _prompt_groups(prompts: Sequence[str | Sequence[str]], name: str) -> tuple[l
     return groups, [g[0] for g in groups]
 
 
+def image_functions(model: nn.Module, device: jax.Device) -> tuple[Callable, Callable]:
+    """The jitted image functions of `Clippy`, compiled for `device`'s platform: (params, images [B, H, W, 3])
+    -> unit per-location embeddings [B, gh, gw, E], and (params, images, label_emb [C, E]) -> logits [B, C]."""
+    dense = platforms.jit(lambda params, images: zero_shot.encode_image(model, params, images)[1], device)
+    pooled = platforms.jit(lambda params, images, emb: zero_shot.encode_image(model, params, images, emb)[0], device)
+    return dense, pooled
+
+
 class Clippy:
-    """A model with its parameters, tokenizer and image settings; see the module docstring."""
+    """A model with its parameters, tokenizer and image settings; see the module docstring. `device`: where the
+    image tower runs (default: the first device)."""
 
     def __init__(self, model: nn.Module, params, tokenizer: Tokenizer, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD, image_size: int = CONVERTED_IMAGE_SIZE, window: int = 0,
-                 stride: int = 0, max_bytes: int = DEFAULT_MAX_BYTES):
+                 stride: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, device: jax.Device | None = None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.mean, self.std = tuple(mean), tuple(std)
         self.patch_size, _ = vit.patch_geometry(model.image)
@@ -178,8 +188,7 @@ class Clippy:
             raise ValueError(f"Sliding windows need 0 < stride <= window <= image_size, got stride={self.stride}, "
                              f"window={window}, image_size={image_size}.")
         self.max_bytes = max_bytes
-        self._dense = jax.jit(lambda params, images: zero_shot.encode_image(model, params, images)[1])
-        self._pooled = jax.jit(lambda params, images, emb: zero_shot.encode_image(model, params, images, emb)[0])
+        self._dense, self._pooled = image_functions(model, device or jax.devices()[0])
 
     @classmethod
     def load(cls, checkpoint_dir: str, model_config: str = "", tokenizer_path: str = "",

@@ -21,7 +21,6 @@ from ml_collections import config_flags
 from clippy_jax import config_checks, distributed, logs
 from clippy_jax.data.pipeline import InputStalledError
 from clippy_jax.data.sources import DataError
-from clippy_jax.train import perf
 from clippy_jax.train.loop import TrainingStopped, train_and_evaluate
 
 # ml_collections' hint for a misspelt config key.
@@ -48,7 +47,6 @@ def _suggest_huge_pages() -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    perf.add_cpu_xla_flags()  # before JAX starts its backends
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; leave accelerators to JAX.
     logs.quiet_libraries()
     distributed.initialize()

@@ -1,21 +1,26 @@
-"""Memory and communication plan of a config's train step on N devices, before renting them.
+"""Memory and communication plan of a config's train step on a pod, before renting it.
 
-    python -m clippy_jax.plan --config=configs/cc12m.py --devices=32 [--accelerator="NVIDIA H100"] \
-        [--config.mesh.fsdp=8 --config.mesh.data=-1 ...]
+    python -m clippy_jax.plan --config=configs/cc12m.py --target="TPU v5e" --topology=16x16
+    python -m clippy_jax.plan --config=configs/cc12m.py --target="NVIDIA H100" --devices=32 \
+        [--config.mesh.fsdp=8 --config.mesh.data=-1 ...] [--compiler=cpu]
 
-The real train state and train step are built from abstract shapes on N forced host CPU devices
-(`jax.eval_shape`, then AOT `lower().compile()` with the config's mesh and shardings): no data is
-read and no parameter is materialised. Printed per device: parameter, optimiser-state and gradient
-bytes (exact, from the shardings), XLA's memory analysis of the compiled step (arguments, outputs,
-temporaries), FLOPs per step, every collective of the compiled program (kind, bytes, mesh axes,
-executions per step) and, for a named accelerator, an estimated step time and MFU from data-sheet
-peaks, with a verdict on whether it fits and what to change if not. See `clippy_jax/plan.md`.
+The real train state and train step are built from abstract shapes (`jax.eval_shape`) and compiled ahead
+of time (`lower().compile()`) with the config's mesh and shardings over the target's devices, by the
+target's own compiler (XLA:TPU from libtpu, XLA:GPU from the CUDA plugin; `clippy_jax.targets`), with no
+accelerator present; without it (or with `--compiler=cpu`), XLA:CPU on as many host devices stands in,
+labelled as such. Nothing is read or materialised. Printed per device: parameter, optimiser-state and
+gradient bytes (exact, from the shardings), the compiler's memory analysis (arguments, outputs,
+temporaries) or its out-of-memory refusal, FLOPs and HBM bytes per step, every collective of the compiled
+program (kind, bytes, mesh axes, executions per step), a roofline step time and MFU from data-sheet peaks,
+whether it fits and, if not, changes that would make it fit, each checked by compiling again. The config
+passes the checks of `clippy_jax.main` first. See `clippy_jax/plan.md`.
 """
 
 import dataclasses
 import math
 import re
 import sys
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +29,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from clippy_jax import sharding
+from clippy_jax import config_checks, platforms, sharding, targets
 from clippy_jax.data.preprocess import kept_patch_count
 from clippy_jax.models import TwoTower, build_model
 from clippy_jax.models.t5 import T5_VOCAB_SIZE
 from clippy_jax.models.vit import patch_geometry, patch_grid
-from clippy_jax.train import perf
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import abstract_train_state, make_train_step
 
@@ -37,28 +41,6 @@ GB = 1e9
 _LISTED = 12  # collectives listed one by one
 
 
-@dataclasses.dataclass(frozen=True)
-class Accelerator:
-    """Data-sheet peaks of one device: dense bf16 FLOP/s, memory, and one-direction interconnect
-    bandwidth per device inside a node (NVLink / ICI) and between nodes (InfiniBand / DCN)."""
-
-    flops: float
-    memory_bytes: float
-    intra_node_bytes_per_s: float
-    inter_node_bytes_per_s: float
-    devices_per_node: int
-
-
-ACCELERATORS: dict[str, Accelerator] = {
-    # SXM parts, 8 GPUs per NVLink node, one 400 Gb/s (A100: 200 Gb/s) InfiniBand NIC per GPU.
-    "NVIDIA A100": Accelerator(312e12, 80e9, 300e9, 25e9, 8),
-    "NVIDIA H100": Accelerator(989e12, 80e9, 450e9, 50e9, 8),
-    "NVIDIA H200": Accelerator(989e12, 141e9, 450e9, 50e9, 8),
-    # One slice: every chip on the ICI torus (a node is the whole slice). ICI: 2400 / 1600 / 4800 Gb/s.
-    "TPU v4": Accelerator(275e12, 32 * 2**30, 300e9 / 2, 12.5e9, 4096),
-    "TPU v5e": Accelerator(197e12, 16 * 2**30, 200e9 / 2, 12.5e9, 256),
-    "TPU v5p": Accelerator(459e12, 95 * 2**30, 600e9 / 2, 12.5e9, 8960),
-}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -212,11 +194,11 @@ def batch_shapes(config: ml_collections.ConfigDict, model: TwoTower) -> dict[str
     return shapes
 
 
-def make_plan(config: ml_collections.ConfigDict, accelerator: str = "") -> dict:
-    """Compiles the config's train step for all `jax.devices()` and returns the plan (see module doc)."""
+def _abstract_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
+    """(jitted train step, abstract state, abstract global batch, mesh) of `config` on `devices`."""
     vocab = config.model.text.get("vocab_size") or config.data.get("synthetic", {}).get("vocab_size") or T5_VOCAB_SIZE
     model = build_model(config.model, vocab)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     grid = patch_grid((config.data.image_size,) * 2, *patch_geometry(model.image))
     example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_shapes(config, model).items()}
@@ -225,9 +207,51 @@ def make_plan(config: ml_collections.ConfigDict, accelerator: str = "") -> dict:
                            config.train.on_nonfinite == "skip", config.train.loss_block_size)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
              for k, v in example.items()}
-    compiled = step.lower(state, batch).compile()
-    memory = compiled.memory_analysis()
+    return step, state, batch, mesh
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# XLA:TPU's refusals: "Ran out of memory in memory space hbm. Used 15.79G of 15.75G hbm." and "Ran out of memory on
+# HBM, the total memory required for HLO temporaries (38.53G) exceeds available HBM (15.75G)."
+_OUT_OF_MEMORY = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+                  re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                             r"\(([\d.]+)([KMGT]?)\)"))
+
+
+def out_of_memory(error: Exception) -> tuple[float, float] | None:
+    """(bytes needed, bytes available) when `error` is the compiler's out-of-memory refusal."""
+    for pattern in _OUT_OF_MEMORY:
+        match = pattern.search(str(error))
+        if match:
+            return float(match[1]) * _UNITS[match[2]], float(match[3]) * _UNITS[match[4]]
+    return None
+
+
+def costs(compiled: jax.stages.Compiled) -> dict[str, float]:
+    """FLOPs and bytes accessed of one call of a compiled (per-device, partitioned and fused) program. XLA:GPU
+    reports no cost analysis; its optimised HLO module is then costed by XLA's HLO cost analysis on the CPU
+    client (custom calls such as cuDNN attention count no FLOPs there)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):
+        analysis = analysis[0] if analysis else None
+    if not analysis:
+        from jax._src.lib import xla_client  # the one entry point to XLA's HLO cost analysis of a module
+
+        module = compiled.runtime_executable().hlo_modules()[0]
+        analysis = xla_client._xla.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+    return dict(flops=float(analysis.get("flops", 0.0)), bytes_accessed=float(analysis.get("bytes accessed", 0.0)))
+
+
+def make_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None, target: str = "",
+              check_advice: bool = True) -> dict:
+    """Compiles the config's train step for `devices` (default: `jax.devices()`) with their platform's compiler
+    and returns the plan (see the module doc); with a `target` of `targets.ACCELERATORS`, also the roofline,
+    the fit against its memory and, when it does not fit, advice (each checked by compiling again)."""
+    devices = list(jax.devices() if devices is None else devices)
+    step, state, batch, mesh = _abstract_step(config, devices)
     plan = dict(
+        compiler=targets.compiler_name(devices),
+        platform=platforms.platform_of(devices),
         devices=mesh.size,
         mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
         global_batch=config.train.batch_size,
@@ -235,62 +259,124 @@ def make_plan(config: ml_collections.ConfigDict, accelerator: str = "") -> dict:
         opt_state=per_device_bytes(state.opt_state),
         grads=per_device_bytes(state.params),  # the gradients have the parameters' shapes and shardings
         batch=per_device_bytes(batch),
-        arguments=memory.argument_size_in_bytes,
-        outputs=memory.output_size_in_bytes,
-        aliased=memory.alias_size_in_bytes,
-        temporaries=memory.temp_size_in_bytes,
-        flops=perf.compiled_flops(compiled) or 0.0,
-        collectives=collectives(compiled.as_text(), mesh),
+        refused=None,
     )
-    plan["peak"] = plan["arguments"] + plan["outputs"] - plan["aliased"] + plan["temporaries"]
-    if accelerator:
-        plan.update(estimate(plan, accelerator, mesh, config))
+    try:
+        compiled = step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as error:
+        plan["refused"] = out_of_memory(error)
+        if plan["refused"] is None:
+            raise
+        plan["peak"] = plan["refused"][0]
+    else:
+        memory = compiled.memory_analysis()
+        hlo = compiled.as_text()
+        plan.update(
+            arguments=memory.argument_size_in_bytes,
+            outputs=memory.output_size_in_bytes,
+            aliased=memory.alias_size_in_bytes,
+            temporaries=memory.temp_size_in_bytes,
+            **costs(compiled),
+            collectives=collectives(hlo, mesh),
+            hlo=hlo,
+            cudnn_attention=len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo)),
+        )
+        plan["peak"] = plan["arguments"] + plan["outputs"] - plan["aliased"] + plan["temporaries"]
+    if target:
+        plan.update(estimate(plan, target, mesh, config))
+        if not plan["fits"] and check_advice:
+            plan["advice"] = [_check(change, config, devices, target) for change in plan["advice"]]
     return plan
 
 
-def estimate(plan: dict, accelerator: str, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> dict:
-    """Step time (compute at peak FLOP/s plus collectives at data-sheet bandwidth, no overlap), MFU,
-    and whether the step fits the device's memory, with the changes that would make it fit."""
-    if accelerator not in ACCELERATORS:
-        raise ValueError(f"--accelerator={accelerator!r} is not in the table; choose from {sorted(ACCELERATORS)}.")
-    spec = ACCELERATORS[accelerator]
-    compute = plan["flops"] / spec.flops
-    node_axes = _node_axes(mesh, spec.devices_per_node)
-    communication = sum(
-        c.count * c.wire_bytes() / (spec.inter_node_bytes_per_s if set(c.axes) & node_axes
-                                    else spec.intra_node_bytes_per_s)
-        for c in plan["collectives"])
-    step_time = compute + communication
-    out = dict(accelerator=accelerator, compute_s=compute, communication_s=communication, step_s=step_time,
-               mfu=compute / step_time if step_time else 0.0, memory_bytes=spec.memory_bytes,
-               fits=plan["peak"] <= spec.memory_bytes, advice=[])
+@dataclasses.dataclass
+class Change:
+    """One way to lower the memory per device: what it does, its config overrides, and (once checked by compiling
+    the changed config) whether it fits and its peak bytes per device."""
+
+    why: str
+    overrides: dict[str, object]
+    fits: bool | None = None
+    peak: float | None = None
+
+    def flags(self) -> str:
+        return " ".join(f"--config.{key}={value}" for key, value in self.overrides.items())
+
+
+def _check(change: Change, config: ml_collections.ConfigDict, devices: Sequence[jax.Device], target: str) -> Change:
+    changed = ml_collections.ConfigDict(config.to_dict())
+    for key, value in change.overrides.items():
+        *sections, name = key.split(".")
+        node = changed
+        for section in sections:
+            node = node[section]
+        node[name] = value
+    try:
+        config_checks.validate(changed, len(devices), paths=False)
+    except config_checks.ConfigError:
+        return change
+    checked = make_plan(changed, devices, target, check_advice=False)
+    return dataclasses.replace(change, fits=checked["fits"], peak=checked["peak"])
+
+
+def estimate(plan: dict, target: str, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> dict:
+    """Roofline step time (compute at peak FLOP/s or HBM traffic at peak bandwidth, whichever is longer, plus the
+    collectives at data-sheet bandwidth, not overlapped), MFU, and whether the step fits the device's memory: the
+    target compiler's own refusal, else the peak against `targets.ACCELERATORS[target].memory_bytes`."""
+    spec = targets.ACCELERATORS[target]
+    out = dict(target=target, memory_bytes=spec.memory_bytes, advice=[])
+    if plan["refused"] is not None:
+        out.update(fits=False, memory_bytes=plan["refused"][1])
+    else:  # XLA:TPU refuses what does not fit its HBM; the others' peak is compared with the data sheet
+        out["fits"] = plan["platform"] == "tpu" or plan["peak"] <= spec.memory_bytes
+        compute, traffic = plan["flops"] / spec.flops, plan["bytes_accessed"] / spec.hbm_bytes_per_s
+        node_axes = _node_axes(mesh, spec.devices_per_node)
+        communication = sum(
+            c.count * c.wire_bytes() / (spec.inter_node_bytes_per_s if set(c.axes) & node_axes
+                                        else spec.intra_node_bytes_per_s)
+            for c in plan["collectives"])
+        step_time = max(compute, traffic) + communication
+        out.update(compute_s=compute, hbm_s=traffic, communication_s=communication, step_s=step_time,
+                   mfu=compute / step_time if step_time else 0.0)
     if not out["fits"]:
-        out["advice"] = advice(plan, spec.memory_bytes, config)
+        out["advice"] = advice(plan, out["memory_bytes"], config)
     return out
 
 
-def _node_axes(mesh: jax.sharding.Mesh, devices_per_node: int) -> set[str]:
-    """Mesh axes whose devices lie on different nodes (device positions fill nodes in order)."""
-    nodes = np.arange(mesh.size).reshape(mesh.devices.shape) // devices_per_node
+def _node_axes(mesh: jax.sharding.Mesh, devices_per_node: int | None) -> set[str]:
+    """Mesh axes whose devices lie on different nodes: GPUs fill nodes of `devices_per_node` in order; a TPU
+    device's node is its slice (`slice_index` of a multi-slice topology)."""
+    flat = list(mesh.devices.flat)
+    if devices_per_node is None:
+        nodes = np.array([getattr(d, "slice_index", 0) or 0 for d in flat])
+    else:
+        nodes = np.arange(mesh.size) // devices_per_node
+    nodes = nodes.reshape(mesh.devices.shape)
     return {name for axis, name in enumerate(mesh.axis_names) if (np.diff(nodes, axis=axis) != 0).any()}
 
 
-def advice(plan: dict, memory: float, config: ml_collections.ConfigDict) -> list[str]:
-    """Changes that would bring the estimated peak under `memory`, largest lever first."""
+def advice(plan: dict, memory: float, config: ml_collections.ConfigDict) -> list[Change]:
+    """Changes that would bring the peak under `memory`, largest lever first."""
     state = plan["params"] + plan["opt_state"] + plan["grads"]
-    data, fsdp, model = (plan["mesh"][axis] for axis in sharding.MESH_AXES)
-    lines = []
+    data, fsdp, _ = (plan["mesh"][axis] for axis in sharding.MESH_AXES)
+    changes = []
     if data > 1 and state > 0.1 * memory:
-        lines.append(f"shard the parameters, gradients and optimiser state: --config.mesh.fsdp={data * fsdp} "
-                     f"--config.mesh.data=1 (state {state / GB:.2f} GB per device now, about "
-                     f"{state / data / GB:.2f} GB then)")
+        changes.append(Change(f"shard the parameters, gradients and optimiser state over all {data * fsdp} "
+                              f"data-parallel devices (state {state / GB:.2f} GB per device now, about "
+                              f"{state / data / GB:.2f} GB then)", {"mesh.fsdp": data * fsdp, "mesh.data": 1}))
     towers = [t for t in ("image", "text") if config.model[t].get("remat", "none") == "none"]
     if towers:
-        lines.append("rematerialise the transformer blocks (keep the matmul outputs, recompute the rest): "
-                     + " ".join(f"--config.model.{t}.remat=dots" for t in towers))
-    lines.append(f"halve the batch per device (temporaries {plan['temporaries'] / GB:.2f} GB scale with it): "
-                 f"--config.train.batch_size={plan['global_batch'] // 2}, or more devices")
-    return lines
+        changes.append(Change("rematerialise the transformer blocks (keep the matmul outputs, recompute the rest)",
+                              {f"model.{t}.remat": "dots" for t in towers}))
+    if config.model.image.get("remat") != "full" or config.model.text.get("remat") != "full":
+        changes.append(Change("rematerialise everything but each block's input",
+                              {"model.image.remat": "full", "model.text.remat": "full"}))
+    batch = plan["global_batch"] // 2
+    overrides: dict[str, object] = {"train.batch_size": batch}
+    if config.train.loss_block_size and batch % config.train.loss_block_size:
+        overrides["train.loss_block_size"] = math.gcd(batch, config.train.loss_block_size)
+    changes.append(Change("halve the batch per device (or use twice the devices)", overrides))
+    return changes
 
 
 def _gb(n: float) -> str:
@@ -305,6 +391,7 @@ def format_plan(plan: dict) -> str:
     mesh = " x ".join(f"{k}={v}" for k, v in plan["mesh"].items())
     rows = [
         f"devices {plan['devices']} (mesh {mesh}), global batch {plan['global_batch']}",
+        f"figures from {plan['compiler']}",
         "",
         "| per device | bytes |",
         "|---|---|",
@@ -312,57 +399,108 @@ def format_plan(plan: dict) -> str:
         f"| optimiser state | {_bytes(plan['opt_state'])} |",
         f"| gradients | {_bytes(plan['grads'])} |",
         f"| batch | {_bytes(plan['batch'])} |",
-        f"| XLA arguments / outputs / aliased | {_gb(plan['arguments'])} / {_gb(plan['outputs'])} / "
-        f"{_gb(plan['aliased'])} |",
-        f"| XLA temporaries | {_bytes(plan['temporaries'])} |",
-        f"| estimated peak (arguments + outputs - aliased + temporaries) | {_bytes(plan['peak'])} |",
-        f"| FLOPs per step | {plan['flops']:.4g} |",
-        "",
-        "| collectives by kind and mesh axes | executions per step | bytes per step |",
-        "|---|---|---|",
     ]
-    totals: dict[tuple[str, str], list[int]] = {}
-    for c in plan["collectives"]:
-        total = totals.setdefault((c.kind, ",".join(c.axes) or "-"), [0, 0])
-        total[0] += c.count
-        total[1] += c.count * c.bytes
-    rows += [f"| {kind} over {axes} | {n} | {size:,} |" for (kind, axes), (n, size) in totals.items()]
-    rows += ["", f"| the {min(len(plan['collectives']), _LISTED)} largest of {len(plan['collectives'])} "
-             "collectives | bytes | group | mesh axes | per step |", "|---|---|---|---|---|"]
-    rows += [f"| {c.kind} | {c.bytes:,} | {c.group_size} | {','.join(c.axes) or '-'} | {c.count} |"
-             for c in plan["collectives"][:_LISTED]]
-    if "accelerator" in plan:
+    if plan["refused"] is not None:
+        needed, available = plan["refused"]
+        rows += ["", f"The compiler refused the step: out of memory, needs {_gb(needed)} of {_gb(available)}."]
+    else:
         rows += [
+            f"| XLA arguments / outputs / aliased | {_gb(plan['arguments'])} / {_gb(plan['outputs'])} / "
+            f"{_gb(plan['aliased'])} |",
+            f"| XLA temporaries | {_bytes(plan['temporaries'])} |",
+            f"| peak (arguments + outputs - aliased + temporaries) | {_bytes(plan['peak'])} |",
+            f"| FLOPs per step | {plan['flops']:.4g} |",
+            f"| HBM bytes accessed per step | {plan['bytes_accessed']:.4g} |",
+            f"| cuDNN fused-attention calls | {plan['cudnn_attention']} |",
             "",
-            f"{plan['accelerator']}: compute {plan['compute_s'] * 1e3:.1f} ms + collectives "
-            f"{plan['communication_s'] * 1e3:.1f} ms = {plan['step_s'] * 1e3:.1f} ms per step, MFU "
-            f"{plan['mfu']:.0%} (data-sheet peaks, no overlap); memory {_gb(plan['peak'])} of "
-            f"{_gb(plan['memory_bytes'])}: {'fits' if plan['fits'] else 'does NOT fit'}",
+            "| collectives by kind and mesh axes | executions per step | bytes per step |",
+            "|---|---|---|",
         ]
-        rows += [f"  - {line}" for line in plan["advice"]]
+        totals: dict[tuple[str, str], list[int]] = {}
+        for c in plan["collectives"]:
+            total = totals.setdefault((c.kind, ",".join(c.axes) or "-"), [0, 0])
+            total[0] += c.count
+            total[1] += c.count * c.bytes
+        rows += [f"| {kind} over {axes} | {n} | {size:,} |" for (kind, axes), (n, size) in totals.items()]
+        rows += ["", f"| the {min(len(plan['collectives']), _LISTED)} largest of {len(plan['collectives'])} "
+                 "collectives | bytes | group | mesh axes | per step |", "|---|---|---|---|---|"]
+        rows += [f"| {c.kind} | {c.bytes:,} | {c.group_size} | {','.join(c.axes) or '-'} | {c.count} |"
+                 for c in plan["collectives"][:_LISTED]]
+    if "target" in plan:
+        rows.append("")
+        if "step_s" in plan:
+            bound = "compute" if plan["compute_s"] >= plan["hbm_s"] else "HBM"
+            rows.append(
+                f"{plan['target']} (estimate, a roofline from data-sheet peaks, no overlap): compute "
+                f"{plan['compute_s'] * 1e3:.1f} ms, HBM traffic {plan['hbm_s'] * 1e3:.1f} ms ({bound}-bound) + "
+                f"collectives {plan['communication_s'] * 1e3:.1f} ms = {plan['step_s'] * 1e3:.1f} ms per step, "
+                f"MFU {plan['mfu']:.0%}")
+        verdict = "fits" if plan["fits"] else "does NOT fit"
+        rows.append(f"memory: {verdict}: needs {_gb(plan['peak'])} of {_gb(plan['memory_bytes'])} per device")
+        for change in plan["advice"]:
+            checked = ("" if change.fits is None else
+                       f" -> checked by compiling: {'fits' if change.fits else 'does not fit'}, "
+                       f"{_gb(change.peak)}")
+            rows.append(f"  - {change.why}: {change.flags()}{checked}")
     return "\n".join(rows)
 
 
 def _define_flags() -> None:
     """The command's flags, defined when it runs (not at import: other commands define --config too)."""
     config_flags.DEFINE_config_file("config", "configs/demo.py", "Configuration file.", lock_config=False)
-    flags.DEFINE_integer("devices", 8, "Number of devices to plan for (forced host CPU devices).")
-    flags.DEFINE_string("accelerator", "", f"Estimate step time and memory fit for one of {sorted(ACCELERATORS)}.")
+    flags.DEFINE_string("target", "", f"Plan for one of {sorted(targets.ACCELERATORS)}: its compiler (when "
+                        "installed), memory, data-sheet peaks and interconnect.")
+    flags.DEFINE_integer("devices", 0, "GPUs (or, without --target, host CPU devices) to plan for; default 8.")
+    flags.DEFINE_string("topology", "", "TPU slice topology of --target, e.g. 16x16 (v5e) or 2x2x4 (v4, v5p).")
+    flags.DEFINE_integer("slices", 1, "TPU slices over the data-centre network (multi-slice).")
+    flags.DEFINE_enum("compiler", "target", ["target", "cpu"], "Compile with the target's own compiler, or with "
+                      "XLA:CPU on as many host devices standing in for it.")
+    flags.DEFINE_bool("check_advice", True, "Compile each suggested change when the step does not fit.")
+
+
+def _device_count(target: str, count: int, topology: str, slices: int) -> int:
+    """How many devices the plan is for, the flags checked."""
+    if not target:
+        return count or 8
+    accelerator = targets.ACCELERATORS[target]
+    if accelerator.platform == "tpu":
+        if not topology or not re.fullmatch(r"\d+(x\d+)+", topology):
+            raise app.UsageError(f"--target={target!r} needs --topology, the slice's chips per side (e.g. 4x4, "
+                                 f"16x16, 2x2x4), got {topology!r}.")
+        if count:
+            raise app.UsageError("--devices is for GPUs; a TPU slice's devices follow from --topology and --slices.")
+        return targets.topology_chips(topology) * slices
+    if topology or slices != 1:
+        raise app.UsageError(f"--topology and --slices are for TPUs; pass --devices for {target!r}.")
+    return count or 8
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    accelerator, devices = flags.FLAGS.accelerator, flags.FLAGS.devices
-    if accelerator and accelerator not in ACCELERATORS:
-        raise app.UsageError(f"--accelerator={accelerator!r}; choose from {sorted(ACCELERATORS)}.")
-    # Before the backend starts: N host CPU devices stand in for the accelerators.
+    options = flags.FLAGS
+    if options.target and options.target not in targets.ACCELERATORS:
+        raise app.UsageError(f"--target={options.target!r}; choose from {sorted(targets.ACCELERATORS)}.")
+    count = _device_count(options.target, options.devices, options.topology, options.slices)
+    config = options.config
+    try:
+        config_checks.validate(config, count, paths=False)  # what `clippy_jax.main` checks, less the paths
+    except config_checks.ConfigError as error:
+        print(f"plan: {error}", file=sys.stderr)
+        sys.exit(2)
+    # Before the backend starts: host CPU devices for the stand-in (and the target's devices beside them).
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", devices)
-    if jax.device_count() != devices:
-        sys.exit(f"JAX started with {jax.device_count()} devices, not --devices={devices}; run the plan in a "
-                 "fresh process without XLA_FLAGS=--xla_force_host_platform_device_count.")
-    print(format_plan(make_plan(flags.FLAGS.config, accelerator)))
+    jax.config.update("jax_num_cpu_devices", count)
+    if jax.device_count() != count:
+        sys.exit(f"JAX started with {jax.device_count()} devices, not {count}; run the plan in a fresh process "
+                 "without XLA_FLAGS=--xla_force_host_platform_device_count.")
+    devices = jax.devices()
+    if options.target and options.compiler == "target":
+        try:
+            devices = targets.target_devices(options.target, count, options.topology, options.slices)
+        except targets.TargetUnavailable as error:
+            print(f"plan: {error}; XLA:CPU stands in for it.", file=sys.stderr)
+    print(format_plan(make_plan(config, devices, options.target, options.check_advice)))
 
 
 if __name__ == "__main__":

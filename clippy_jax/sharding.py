@@ -69,10 +69,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh) -> Iterator[None]:
-    """Around a model call inside a jitted function: the model's `nn.with_logical_constraint`s become
-    sharding constraints on `mesh` through LOGICAL_AXIS_RULES, whatever context the function is
-    traced or lowered in. (Flax drops them silently when no mesh is in context.)"""
+def bind_mesh(mesh: Mesh) -> Iterator[None]:
+    """Around a model call inside a jitted function, binds the mesh the function is compiled for,
+    whatever context it is traced or lowered in: the model's `nn.with_logical_constraint`s become
+    sharding constraints on `mesh` through LOGICAL_AXIS_RULES. (Flax drops them silently when no mesh
+    is in context.)"""
     with nn.logical_axis_rules(LOGICAL_AXIS_RULES), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         yield
 

@@ -3,6 +3,7 @@
 core importing without TensorFlow (the GPU machine has none)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clippy_jax.models.layers import MultiHeadAttention, attention_implementation
+from clippy_jax import platforms
+from clippy_jax.models.layers import MultiHeadAttention
 from clippy_jax.models.t5 import T5Encoder
 
 
@@ -65,12 +67,53 @@ def test_padding_does_not_leak_into_real_tokens():
     np.testing.assert_allclose(np.asarray(features)[mask], np.asarray(features_longer)[:, :6][mask], atol=1e-5)
 
 
-def test_cudnn_is_chosen_only_on_gpu_for_16_bit_shapes_it_supports():
-    assert jax.default_backend() == "cpu"
-    assert attention_implementation("auto", jnp.bfloat16, 64, 64, has_bias=True) == "xla"
-    assert attention_implementation("cudnn", jnp.bfloat16, 64, 64, has_bias=True) == "cudnn"
+def test_cudnn_is_chosen_only_for_gpus_for_16_bit_shapes_it_supports():
+    choose = platforms.attention_implementation
+    assert choose("auto", jnp.bfloat16, 64, "gpu") == "cudnn"
+    assert [choose("auto", jnp.bfloat16, 64, p) for p in ("cpu", "tpu")] == ["xla", "xla"]
+    assert choose("auto", jnp.float32, 64, "gpu") == "xla" and choose("auto", jnp.bfloat16, 12, "gpu") == "xla"
+    assert choose("cudnn", jnp.bfloat16, 64, "cpu") == "cudnn"
     with pytest.raises(ValueError, match="attention='flash'"):
-        attention_implementation("flash", jnp.float32, 64, 64, has_bias=False)
+        choose("flash", jnp.float32, 64, "gpu")
+
+
+def test_the_platform_bound_while_tracing_decides_the_path_not_the_default_backend():
+    """A bf16 dense layer traced for a GPU or TPU is a plain bf16 dot; for the CPU (bound, or the default
+    device outside any binding) it is `bf16_matmul`'s bf16 x bf16 -> f32 dot."""
+    from clippy_jax.models.layers import DenseGeneral
+
+    layer = DenseGeneral((8,), ("embed", "mlp"), dtype=jnp.bfloat16)
+    x = jnp.ones((4, 16), jnp.float32)
+    params = layer.init(jax.random.key(0), x)
+
+    assert platforms.current() == "cpu"
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p, x: layer.apply(p, x))(params, x))
+    for platform in ("gpu", "tpu"):
+        with platforms.compiled_for(platform):
+            text = str(jax.make_jaxpr(lambda p, x: layer.apply(p, x))(params, x))
+        assert "custom_vjp_call" not in text and re.search(r"bf16\[4,8\] = dot_general", text), text
+    with platforms.compiled_for("cpu"):
+        assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p, x: layer.apply(p, x))(params, x))
+    assert platforms.platform_of(jax.devices()) == "cpu"
+    with pytest.raises(ValueError, match="platform 'cuda'"):
+        with platforms.compiled_for("cuda"):
+            pass
+
+
+def test_odd_lengths_padded_for_cudnn_give_the_unpadded_attention():
+    """The padding that lets cuDNN train on odd lengths (one masked key, its query dropped) changes nothing:
+    computed with XLA's kernel on both sides, with and without T5's bias and padding."""
+    from clippy_jax.models.layers import pad_to_even_length
+
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 7, 2, 8)), jnp.float32) for _ in range(3))
+    bias = jnp.asarray(rng.normal(size=(1, 2, 7, 7)), jnp.float32)
+    for b, lengths in ((None, None), (bias, jnp.array([7, 3, 1], jnp.int32))):
+        expected = jax.nn.dot_product_attention(q, k, v, bias=b, key_value_seq_lengths=lengths)
+        padded = pad_to_even_length(q, k, v, b, lengths)
+        assert padded[0].shape[1] == 8
+        got = jax.nn.dot_product_attention(*padded[:3], bias=padded[3], key_value_seq_lengths=padded[4])[:, :7]
+        np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("remat", ["dots", "full"])
@@ -115,18 +158,16 @@ def test_training_core_imports_without_tensorflow():
     subprocess.run([sys.executable, "-c", code], check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""})
 
 
-def test_cpu_xla_flags_are_added_without_overriding_the_users(monkeypatch):
-    from clippy_jax.train import perf
-
+def test_each_platform_compiles_with_its_xla_options_and_the_users_flags_win(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    perf.add_cpu_xla_flags()
-    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *perf.CPU_XLA_FLAGS]
+    assert platforms.compiler_options("cpu") == platforms.COMPILER_OPTIONS["cpu"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT")
-    perf.add_cpu_xla_flags()
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"
-    # XLA knows the flags (it aborts on an unknown one).
-    subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], check=True,
-                   env={**os.environ, "XLA_FLAGS": " ".join(perf.CPU_XLA_FLAGS), "JAX_PLATFORMS": "cpu"})
+    assert platforms.compiler_options("cpu") == {}
+    # XLA knows the options (it refuses an unknown one or value) and applies them only to its own programs.
+    x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    platforms.jit(lambda a: a @ a, jax.devices()[0]).lower(x).compile()
+    with pytest.raises(Exception, match="not a valid enum value"):
+        jax.jit(lambda a: a, compiler_options={"xla_cpu_scheduler_type": "NO_SUCH"}).lower(x).compile()
 
 
 @pytest.mark.parametrize("remat", ["dots", "full"])

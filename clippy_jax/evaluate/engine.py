@@ -24,7 +24,7 @@ import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
-from clippy_jax import sharding
+from clippy_jax import platforms, sharding
 from clippy_jax.data import eval_datasets
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import geometry, zero_shot
@@ -164,19 +164,24 @@ def sync_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
+def batch_function(fn: Callable, mesh: Mesh) -> Callable:
+    """`fn(params, images, *args)` jitted for `mesh` (its platform's code paths and compiler options), the model's
+    logical constraints bound to it and the outputs sharded over its batch axes."""
+
+    def apply(params, images, *args):
+        with sharding.bind_mesh(mesh):
+            return fn(params, images, *args)
+
+    return platforms.jit(apply, mesh, out_shardings=sharding.batch_sharding(mesh))
+
+
 class BatchRunner:
     """Runs `fn(params, images [B, h, w, 3], *args)` -> pytree of [B, ...] arrays on global batches
     sharded over the mesh's batch axes; returns this host's rows as numpy."""
 
     def __init__(self, ctx: EvalContext, fn: Callable):
         self.ctx = ctx
-        batch = sharding.batch_sharding(ctx.mesh)
-
-        def apply(params, images, *args):
-            with sharding.activation_sharding(ctx.mesh):
-                return fn(params, images, *args)
-
-        self.fn = jax.jit(apply, out_shardings=batch)
+        self.fn = batch_function(fn, ctx.mesh)
 
     def __call__(self, images: np.ndarray, *args) -> dict:
         """images: normalised float32 [n, h, w, 3] (n may be 0); args: replicated inputs."""

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from clippy_jax import platforms
+
 Dtype = jnp.dtype
 Initializer = Callable[..., jax.Array]
 
@@ -64,8 +66,10 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 
 def contract_last(x: jax.Array, kernel: jax.Array, num_contract: int) -> jax.Array:
-    """x [..., *C] . kernel [*C, *F] -> [..., *F], both in the compute dtype; bf16 on a CPU takes `bf16_matmul`."""
-    if x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    """x [..., *C] . kernel [*C, *F] -> [..., *F], both in the compute dtype; bf16 compiled for a CPU takes
+    `bf16_matmul` (`platforms.cpu_bf16_dots`)."""
+    bf16 = x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+    if bf16 and platforms.cpu_bf16_dots(platforms.current()):
         contracted = math.prod(kernel.shape[:num_contract])
         y = checkpoint_name(bf16_matmul(x.reshape(-1, contracted), kernel.reshape(contracted, -1)), "bf16_matmul")
         return y.reshape(*x.shape[:x.ndim - num_contract], *kernel.shape[num_contract:])
@@ -112,22 +116,16 @@ class DenseGeneral(nn.Module):
         return y
 
 
-# Attention kernels of `jax.nn.dot_product_attention`: 'auto' takes cuDNN's flash attention on a GPU
-# for 16-bit compute where cuDNN supports the shapes, and XLA's kernel elsewhere.
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-
-
-def attention_implementation(
-    name: str, dtype: Dtype, head_dim: int, length: int, has_bias: bool
-) -> str:
-    """The `implementation` argument of `jax.nn.dot_product_attention` for a tower's `attention` setting."""
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"Unknown attention={name!r}; choose from {ATTENTION_IMPLEMENTATIONS}.")
-    if name != "auto":
-        return name
-    cudnn_shapes = head_dim % 8 == 0 and head_dim <= 128 and not (has_bias and length % 2)
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype).itemsize == 2 and cudnn_shapes else "xla"
+def pad_to_even_length(
+    query: jax.Array, key: jax.Array, value: jax.Array, bias: jax.Array | None, lengths: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """[B, L, H, K] inputs of odd length L -> length L + 1: one zero token that no query attends to (its key is
+    beyond `lengths`) and whose own query row the caller drops; bias [1, H, L, L] padded alike."""
+    query, key, value = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (query, key, value))
+    bias = None if bias is None else jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 1)))
+    if lengths is None:
+        lengths = jnp.full((query.shape[0],), query.shape[1] - 1, jnp.int32)
+    return query, key, value, bias, lengths
 
 
 class MultiHeadAttention(nn.Module):
@@ -135,7 +133,7 @@ class MultiHeadAttention(nn.Module):
     kernel [heads, kv, embed], computed by `jax.nn.dot_product_attention`.
 
     `scale_logits=False` is T5's convention (the 1/sqrt(d) factor lives in the query initialiser).
-    `attention` is one of `ATTENTION_IMPLEMENTATIONS`.
+    `attention` is one of `platforms.ATTENTION_IMPLEMENTATIONS`, resolved for the platform compiled for.
     """
 
     num_heads: int
@@ -160,18 +158,22 @@ class MultiHeadAttention(nn.Module):
         value = DenseGeneral(heads, ("embed", "heads", "kv"), name="value", **kw)(x)
         axes = ("batch", "length", "heads", "kv")
         query, key, value = (nn.with_logical_constraint(t, axes) for t in (query, key, value))
-        implementation = attention_implementation(
-            self.attention, self.dtype, self.head_dim, x.shape[1], bias is not None
+        length = x.shape[1]
+        implementation = platforms.attention_implementation(
+            self.attention, self.dtype, self.head_dim, platforms.current()
         )
-        if bias is not None and implementation == "cudnn":
-            bias = bias.astype(self.dtype)  # cuDNN takes the bias in the compute dtype; XLA adds it in float32
+        if implementation == "cudnn":
+            if bias is not None:
+                bias = bias.astype(self.dtype)  # cuDNN takes the bias in the compute dtype; XLA adds it in float32
+            if length % 2:  # cuDNN's flash attention trains on even lengths only
+                query, key, value, bias, lengths = pad_to_even_length(query, key, value, bias, lengths)
         out = jax.nn.dot_product_attention(
             query, key, value,
             bias=bias,
             scale=(1.0 / self.head_dim**0.5) if self.scale_logits else 1.0,
             key_value_seq_lengths=lengths,
             implementation=implementation,
-        )  # [B, L, H, K]
+        )[:, :length]  # [B, L, H, K]
         out = nn.with_logical_constraint(out, axes)
         return DenseGeneral((x.shape[-1],), ("heads", "kv", "embed"), num_contract=2, name="out", **kw)(out)
 
@@ -295,6 +297,8 @@ class RematTransformerBlock(TransformerBlock):
     schedulers compute the recomputation in the forward pass and run the input-gradient chain of every
     block before all weight-gradient matmuls, keeping every block's activations live, so that
     `jax.checkpoint` alone saves no memory there (BENCHMARKS.md, issue 11). The values are unchanged.
+    Compiled for a GPU or TPU, whose compilers keep the optimisation barriers, the block is `nn.checkpoint`
+    alone (`platforms.orders_remat_by_data`): the extra reductions would only cost memory bandwidth there.
     """
 
     remat_policy: str = "full"
@@ -303,6 +307,8 @@ class RematTransformerBlock(TransformerBlock):
         self, x: jax.Array, bias: jax.Array | None = None, lengths: jax.Array | None = None
     ) -> jax.Array:
         block = nn.checkpoint(TransformerBlock.__call__, policy=REMAT_POLICIES[self.remat_policy])
+        if not platforms.orders_remat_by_data(platforms.current()):
+            return block(self, x, bias, lengths)
 
         def forward(module, x, bias, lengths):
             return nn.vjp(block, module, x, bias, lengths)  # the residuals: what the policy keeps

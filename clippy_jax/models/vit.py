@@ -77,7 +77,7 @@ class VisionTransformer(nn.Module):
         normalised and `pool_norm` must be applied after pooling (and to dense per-location tokens).
       remat: what each block keeps for the backward pass: 'none', or a policy of
         `layers.REMAT_POLICIES` ('dots', 'full') that trades recomputation for activation memory.
-      attention: the attention kernel, one of `layers.ATTENTION_IMPLEMENTATIONS`.
+      attention: the attention kernel, one of `platforms.ATTENTION_IMPLEMENTATIONS`.
       dtype: compute dtype (e.g. bfloat16); param_dtype: storage dtype of the parameters.
     """
 

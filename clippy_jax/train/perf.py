@@ -1,6 +1,5 @@
 """Throughput accounting: FLOPs per step from XLA's cost analysis and model FLOPs utilisation."""
 
-import os
 import time
 
 import jax
@@ -25,20 +24,6 @@ PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
     "NVIDIA A10G": 125e12,
     "NVIDIA V100": 125e12,
 }
-
-
-# XLA:CPU flags for training on a CPU (BENCHMARKS.md, "Train step"): the memory-optimised scheduler orders the
-# step's ops so that fewer activations are live at once (XLA's temporaries for the ViT-S/16 + T5-small step at
-# batch 64: 6.9 GiB instead of 10.0). They only affect programs compiled for the CPU.
-CPU_XLA_FLAGS = ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",)
-
-
-def add_cpu_xla_flags() -> None:
-    """Appends `CPU_XLA_FLAGS` to the XLA_FLAGS environment variable, leaving any flag already set there;
-    call it before JAX starts its backends (the flags are read then)."""
-    current = os.environ.get("XLA_FLAGS", "")
-    missing = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in current]
-    os.environ["XLA_FLAGS"] = " ".join([current, *missing]).strip()
 
 
 def compiled_flops(compiled: jax.stages.Compiled) -> float | None:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from clippy_jax import sharding
+from clippy_jax import platforms, sharding
 from clippy_jax.train.loss import blocked_contrastive_loss, contrastive_loss
 
 
@@ -90,7 +90,8 @@ def make_train_step(
     skip_nonfinite: bool = False,
     loss_block_size: int = 0,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """Returns the jitted step (state, global batch) -> (state, metrics); the state is donated.
+    """Returns the jitted step (state, global batch) -> (state, metrics); the state is donated. The towers'
+    code paths and the XLA options are those of the mesh's platform (`platforms`), whatever the default backend.
 
     With `loss_block_size` > 0 the similarity matrix is computed in column blocks per device
     (`blocked_contrastive_loss`), for global batches whose [B, B] matrix would not fit.
@@ -101,7 +102,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
-            with sharding.activation_sharding(mesh):
+            with sharding.bind_mesh(mesh):
                 out = model.apply({"params": params}, batch, grid_shape)
             if loss_block_size:
                 return blocked_contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
@@ -127,8 +128,9 @@ def make_train_step(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(
+    return platforms.jit(
         train_step,
+        mesh,
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,

@@ -9,20 +9,10 @@ GPU_FLAGS=(config workdir python)
 CONFIG="" WORKDIR="" PYTHON=python
 
 # Let JAX preallocate 90% of each GPU (its default is 75%); a value already in
-# the environment wins.
-# XLA flags of JAX's GPU performance guide (docs.jax.dev/en/latest/gpu_performance_tips.html): the
-# latency-hiding scheduler overlaps the gradient all-reduces (and FSDP's all-gathers / reduce-scatters)
-# with the backward pass, on the highest-priority stream, in groups of up to 128 MiB rather than one
-# collective per tensor. Flags already in XLA_FLAGS come after these and win.
-GPU_XLA_FLAGS=(
-  --xla_gpu_enable_latency_hiding_scheduler=true
-  --xla_gpu_enable_highest_priority_async_stream=true
-  --xla_gpu_all_reduce_combine_threshold_bytes=134217728
-  --xla_gpu_all_gather_combine_threshold_bytes=134217728
-  --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728
-)
+# the environment wins. The XLA options of JAX's GPU performance guide come with
+# the train step itself (clippy_jax/platforms.py, COMPILER_OPTIONS); flags in
+# XLA_FLAGS, inherited, win over them.
 GPU_ENV=(
   "XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
-  "XLA_FLAGS=${GPU_XLA_FLAGS[*]}${XLA_FLAGS:+ $XLA_FLAGS}"
 )
 
