@@ -22,14 +22,14 @@ budget=${BUDGET_S:-420}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-# The flags launch/gpu/* give training.
+# The environment launch/gpu/* give training (the XLA options come with the train step: clippy_jax/platforms.py).
 # shellcheck source=launch/gpu/common.sh
 source launch/gpu/common.sh
 export "${GPU_ENV[@]}"
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__)"
-  echo "XLA_FLAGS=$XLA_FLAGS"; } > "$out/machine.txt" 2>&1
+  echo "XLA_FLAGS=${XLA_FLAGS:-}"; } > "$out/machine.txt" 2>&1
 
 # "preset batch frameworks" per run (RUNS, one run per line, replaces them): the paper's geometry with
 # torch.compile, then the same model without dropping at 448 and 224.

@@ -39,6 +39,11 @@ ROWS = {
     "v5e-16": Row("TPU v5e", topology="4x4"),
     "v5e-16-dots": Row("TPU v5e", topology="4x4", remat="dots"),
     "v5e-32": Row("TPU v5e", topology="4x8"),
+    "v5e-8": Row("TPU v5e", topology="2x4"),
+    "v5e-8-dots": Row("TPU v5e", topology="2x4", remat="dots"),
+    "v5e-8-full": Row("TPU v5e", topology="2x4", remat="full"),
+    "v5e-8-fsdp8-full": Row("TPU v5e", topology="2x4", mesh=(("data", -1), ("fsdp", 8)), remat="full"),
+    "v5e-4-full": Row("TPU v5e", topology="2x2", remat="full"),
 }
 
 

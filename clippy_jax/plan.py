@@ -38,6 +38,7 @@ from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import abstract_train_state, make_train_step
 
 GB = 1e9
+EXIT_DOES_NOT_FIT = 3  # the command's exit status when the step does not fit the target (2: bad flags or settings)
 _LISTED = 12  # collectives listed one by one
 
 
@@ -453,6 +454,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("devices", 0, "GPUs (or, without --target, host CPU devices) to plan for; default 8.")
     flags.DEFINE_string("topology", "", "TPU slice topology of --target, e.g. 16x16 (v5e) or 2x2x4 (v4, v5p).")
     flags.DEFINE_integer("slices", 1, "TPU slices over the data-centre network (multi-slice).")
+    flags.DEFINE_string("tpu_type", "", "A Cloud TPU accelerator type (v4-32, v5litepod-16, ...) instead of --target "
+                        "and --topology: its default topology.")
     flags.DEFINE_enum("compiler", "target", ["target", "cpu"], "Compile with the target's own compiler, or with "
                       "XLA:CPU on as many host devices standing in for it.")
     flags.DEFINE_bool("check_advice", True, "Compile each suggested change when the step does not fit.")
@@ -479,9 +482,17 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     options = flags.FLAGS
-    if options.target and options.target not in targets.ACCELERATORS:
-        raise app.UsageError(f"--target={options.target!r}; choose from {sorted(targets.ACCELERATORS)}.")
-    count = _device_count(options.target, options.devices, options.topology, options.slices)
+    target, topology = options.target, options.topology
+    if options.tpu_type:
+        if target or topology:
+            raise app.UsageError("--tpu_type names the target and its topology: pass it without them.")
+        try:
+            target, topology = targets.tpu_slice(options.tpu_type)
+        except ValueError as error:
+            raise app.UsageError(str(error)) from None
+    if target and target not in targets.ACCELERATORS:
+        raise app.UsageError(f"--target={target!r}; choose from {sorted(targets.ACCELERATORS)}.")
+    count = _device_count(target, options.devices, topology, options.slices)
     config = options.config
     try:
         config_checks.validate(config, count, paths=False)  # what `clippy_jax.main` checks, less the paths
@@ -495,12 +506,15 @@ def main(argv: list[str]) -> None:
         sys.exit(f"JAX started with {jax.device_count()} devices, not {count}; run the plan in a fresh process "
                  "without XLA_FLAGS=--xla_force_host_platform_device_count.")
     devices = jax.devices()
-    if options.target and options.compiler == "target":
+    if target and options.compiler == "target":
         try:
-            devices = targets.target_devices(options.target, count, options.topology, options.slices)
+            devices = targets.target_devices(target, count, topology, options.slices)
         except targets.TargetUnavailable as error:
             print(f"plan: {error}; XLA:CPU stands in for it.", file=sys.stderr)
-    print(format_plan(make_plan(config, devices, options.target, options.check_advice)))
+    report = make_plan(config, devices, target, options.check_advice)
+    print(format_plan(report))
+    if target and not report["fits"]:
+        sys.exit(EXIT_DOES_NOT_FIT)
 
 
 if __name__ == "__main__":

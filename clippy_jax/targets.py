@@ -10,6 +10,7 @@ refusal and its HLO are the target's. Nothing here needs the hardware.
 import dataclasses
 import importlib.metadata
 import importlib.util
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -74,6 +75,8 @@ class TargetUnavailable(RuntimeError):
 
 def _tpu_devices(accelerator: Accelerator, topology: str, slices: int) -> list[jax.Device]:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask: this is not a TPU VM
+    # No TPU is opened, so compiling processes may run side by side (libtpu otherwise takes /tmp/libtpu_lockfile).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     if importlib.util.find_spec("libtpu") is None:
@@ -119,6 +122,34 @@ def target_devices(target: str, count: int = 0, topology: str = "", slices: int 
         raise
     except jax.errors.JaxRuntimeError as error:
         raise TargetUnavailable(f"{target}: {str(error).splitlines()[0]}") from error
+
+
+# Cloud TPU accelerator types: generation prefix -> (target, TensorCores per chip counted in the type's number).
+_TPU_TYPES = {"v4": ("TPU v4", 2), "v5p": ("TPU v5p", 2), "v5litepod": ("TPU v5e", 1), "v6e": ("TPU v6e", 1)}
+
+
+def tpu_slice(accelerator_type: str) -> tuple[str, str]:
+    """(target, topology) of a Cloud TPU accelerator type as `gcloud compute tpus` names it, in the default
+    topology Cloud TPU gives it: 'v4-32' -> ('TPU v4', '2x2x4'), 'v5litepod-16' -> ('TPU v5e', '4x4')."""
+    generation, _, number = accelerator_type.rpartition("-")
+    if generation not in _TPU_TYPES or not number.isdigit():
+        raise ValueError(f"Unknown TPU accelerator type {accelerator_type!r}; expected e.g. v4-32, v5litepod-16, "
+                         "v5p-128 or v6e-256.")
+    target, cores_per_chip = _TPU_TYPES[generation]
+    chips = int(number) // cores_per_chip
+    if chips < 1 or chips & (chips - 1):
+        raise ValueError(f"{accelerator_type!r} is not a slice of a power-of-two number of chips.")
+    three_d = cores_per_chip == 2
+    if chips < 4:  # noqa: PLR2004
+        sides = [1, 1, chips] if three_d else [1, chips]
+    else:  # from one host's 2x2(x1), each side doubled in turn from the last: 2x2x2, 2x2x4, 2x4x4, 4x4x4, ...
+        sides = [2, 2, 1] if three_d else [2, 2]
+        order = itertools.cycle(range(len(sides) - 1, -1, -1))
+        if three_d and chips > 4:  # noqa: PLR2004
+            sides[2] = 2
+        while math.prod(sides) < chips:
+            sides[next(order)] *= 2
+    return target, "x".join(map(str, sides))
 
 
 def topology_chips(topology: str) -> int:

@@ -48,10 +48,13 @@ def _vocab(config: ml_collections.ConfigDict) -> int:
     return config.data.synthetic.vocab_size
 
 
-@pytest.mark.parametrize("mesh", [dict(data=-1), dict(data=-1, fsdp=2)], ids=["data", "data_x_fsdp"])
+@pytest.mark.parametrize(("mesh", "remat"), [(dict(data=-1), "none"), (dict(data=-1, fsdp=2), "dots")],
+                         ids=["data", "data_x_fsdp_remat"])
 @pytest.mark.parametrize("platform", ["tpu", "gpu"])
-def test_train_step_compiles_for_the_target_with_its_code_paths_and_the_plan_reports_that_compiler(platform, mesh):
+def test_train_step_compiles_for_the_target_with_its_code_paths_and_the_plan_reports_that_compiler(platform, mesh,
+                                                                                                  remat):
     config = _config(**mesh)
+    config.model.image.remat = config.model.text.remat = remat
     report = plan.make_plan(config, _devices(platform), TARGETS[platform]["target"])
     assert report["compiler"].startswith({"tpu": "XLA:TPU", "gpu": "XLA:GPU"}[platform]), report["compiler"]
     assert report["flops"] > 0 and report["fits"] and report["step_s"] > 0
@@ -60,10 +63,12 @@ def test_train_step_compiles_for_the_target_with_its_code_paths_and_the_plan_rep
     kernels = CUDNN.findall(hlo)
     if platform == "gpu":
         # Both towers on cuDNN's flash attention, forward and backward: the ViT (65 tokens, padded to 66) plain,
-        # T5 with its relative-position bias; one call per layer and direction.
+        # T5 with its relative-position bias; one call per layer and direction (remat recomputes the forward).
         image, text = config.model.image.depth, config.model.text.depth
-        assert kernels.count("fmhaSoftmax") == image and kernels.count("fmhaSoftmaxBackward") == image, kernels
-        assert kernels.count("fmhaScaleBiasSoftmax") == text, kernels
+        forward = 1 if remat == "none" else 2
+        assert kernels.count("fmhaSoftmax") == forward * image, kernels
+        assert kernels.count("fmhaScaleBiasSoftmax") == forward * text, kernels
+        assert kernels.count("fmhaSoftmaxBackward") == image, kernels
         assert kernels.count("fmhaScaleBiasSoftmaxBackward") == text, kernels
     else:
         assert not kernels

@@ -163,11 +163,22 @@ def test_each_platform_compiles_with_its_xla_options_and_the_users_flags_win(mon
     assert platforms.compiler_options("cpu") == platforms.COMPILER_OPTIONS["cpu"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT")
     assert platforms.compiler_options("cpu") == {}
-    # XLA knows the options (it refuses an unknown one or value) and applies them only to its own programs.
-    x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
-    platforms.jit(lambda a: a @ a, jax.devices()[0]).lower(x).compile()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    # XLA checks the options (it refuses an unknown value) and applies them: the CPU's memory-optimised scheduler
+    # leaves a ViT's gradient far fewer temporaries than the default scheduler of a plain `jax.jit`.
+    from clippy_jax.models.vit import VisionTransformer
+
+    images = jax.ShapeDtypeStruct((32, 32, 32, 3), jnp.float32)
+    model = VisionTransformer(patch_size=4, width=64, depth=4, mlp_dim=256, num_heads=4, posemb_grid=(8, 8))
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros(images.shape))))
+    grad = jax.grad(lambda p, x: jnp.sum(model.apply(p, x)[0] ** 2))
+
+    def temporaries(jitted) -> int:
+        return jitted.lower(params, images).compile().memory_analysis().temp_size_in_bytes
+
+    assert temporaries(platforms.jit(grad, jax.devices()[0])) < 0.8 * temporaries(jax.jit(grad))
     with pytest.raises(Exception, match="not a valid enum value"):
-        jax.jit(lambda a: a, compiler_options={"xla_cpu_scheduler_type": "NO_SUCH"}).lower(x).compile()
+        jax.jit(lambda a: a, compiler_options={"xla_cpu_scheduler_type": "NO_SUCH"}).lower(images).compile()
 
 
 @pytest.mark.parametrize("remat", ["dots", "full"])

@@ -40,10 +40,11 @@ def bin_dir(tmp_path):
     return path
 
 
-def launch(script: str, *args: str, bin_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(script: str, *args: str, bin_dir: Path, env: dict | None = None, timeout: int = 60
+           ) -> subprocess.CompletedProcess:
     base = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(bin_dir.parent)}
     return subprocess.run([str(LAUNCH / script), *args], env=base | (env or {}), cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=timeout, check=False)
 
 
 def commands(result: subprocess.CompletedProcess) -> list[list[str]]:
@@ -138,6 +139,33 @@ def test_relaunch_recreates_a_preempted_slice_until_max_restarts(tmp_path):
     assert "--max-restarts=1 are used up" in result.stderr
     assert "recovery 1 of 1" in result.stdout
     assert calls.read_text().split() == ["describe", "delete", "create", "ssh", "ssh", "describe"]
+
+
+def test_create_checks_by_compiling_that_the_config_fits_before_any_vm(tmp_path):
+    """Not a dry run: the real plan compiles the config's step with the TPU compiler for the slice; a config that
+    fits creates the slice, one that does not is refused with the compiler's figures and no gcloud call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    write_script(bin_dir / "gcloud", f'echo "$4 $5 $6" >> {calls}\n')
+    check = ["--config=configs/demo.py:size=tiny", f"--python={sys.executable}"]
+    fits = launch("tpu/create.sh", *SLICE, "--accelerator-type=v5litepod-4", *check, bin_dir=bin_dir, timeout=300)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    assert "figures from XLA:TPU" in fits.stdout and "memory: fits" in fits.stdout
+    assert calls.read_text().split() == ["create", "clippy", "--accelerator-type=v5litepod-4"]
+
+    calls.unlink()
+    too_big = launch("tpu/create.sh", *SLICE, "--accelerator-type=v5litepod-1", *check, "--",
+                     "--config.train.batch_size=65536", "--check_advice=false", bin_dir=bin_dir, timeout=300)
+    assert too_big.returncode == 2 and not calls.exists(), too_big.stderr[-2000:]
+    assert "does NOT fit: needs" in too_big.stdout and "--config.train.batch_size=32768" in too_big.stdout
+    assert "does not fit v5litepod-1" in too_big.stderr and "no VM was created" in too_big.stderr
+
+    plan_line, create_line = commands(launch("tpu/create.sh", "--dry-run", *SLICE, "--accelerator-type=v4-32",
+                                             *check, "--", "--config.train.batch_size=64", bin_dir=bin_dir))
+    assert plan_line == [sys.executable, "-m", "clippy_jax.plan", "--config=configs/demo.py:size=tiny",
+                         "--tpu_type=v4-32", "--config.train.batch_size=64"]
+    assert create_line[:5] == [*TPU_CMD, "create"]
 
 
 def test_setup_source_dir_packs_what_git_would_commit(tmp_path):
