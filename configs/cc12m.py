@@ -8,5 +8,6 @@ paper = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(paper)
 
 
-def get_config():
-    return paper.paper_config(num_examples=12_000_000, epochs=32)  # appendix E
+def get_config(arg: str = ""):
+    """`arg`: "pod=NAME", a launch plan of `paper.PODS` (mesh and remat for that pod), e.g. cc12m.py:pod=v4-64."""
+    return paper.paper_config(num_examples=12_000_000, epochs=32, pod=paper.parse_arg(arg)["pod"])  # appendix E

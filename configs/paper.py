@@ -12,9 +12,36 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+# Launch plans at the paper's batch of 4096 (not in the paper: it trained on 32 GPUs), chosen by compiling the step
+# with each pod's own compiler (BENCHMARKS.md, "Pod plans"; `python -m clippy_jax.plan --target=...`): the mesh and
+# remat of both towers. Selected by `configs/cc12m.py:pod=NAME` (names as Cloud TPU's accelerator types, or
+# GPU x count); the launch scripts' examples use them.
+PODS = {
+    "h100x32": dict(mesh=dict(data=4, fsdp=8, model=1), remat="none"),  # 29 ms roofline vs 44 ms data-parallel
+    "a100x32": dict(mesh=dict(data=-1, fsdp=1, model=1), remat="none"),
+    "h200x8": dict(mesh=dict(data=-1, fsdp=1, model=1), remat="none"),
+    "v4-64": dict(mesh=dict(data=-1, fsdp=1, model=1), remat="none"),
+    "v5litepod-256": dict(mesh=dict(data=-1, fsdp=1, model=1), remat="none"),
+    "v5p-128": dict(mesh=dict(data=-1, fsdp=1, model=1), remat="none"),
+    "v5litepod-16": dict(mesh=dict(data=-1, fsdp=1, model=1), remat="none"),
+}
 
-def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_collections.ConfigDict:
-    """The recipe for a dataset of `num_examples` pairs trained for `epochs` epochs."""
+
+def parse_arg(arg: str) -> dict[str, str]:
+    """`pod=NAME` of a config string ("" for none)."""
+    options = dict(pod="")
+    for item in filter(None, arg.split(",")):
+        key, _, value = item.partition("=")
+        if key not in options:
+            raise ValueError(f"Unknown config argument {key!r}; known: {sorted(options)} (e.g. pod=v4-64).")
+        options[key] = value
+    if options["pod"] and options["pod"] not in PODS:
+        raise ValueError(f"Unknown pod={options['pod']!r}; choose from {sorted(PODS)}.")
+    return options
+
+
+def paper_config(num_examples: int, epochs: int, batch_size: int = 4096, pod: str = "") -> ml_collections.ConfigDict:
+    """The recipe for a dataset of `num_examples` pairs trained for `epochs` epochs; `pod`: a launch plan of PODS."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     steps = math.ceil(num_examples * epochs / batch_size)
@@ -93,6 +120,9 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096) -> ml_c
         profile_first_step=10,
     )
     config.mesh = dict(data=-1, fsdp=1, model=1)
+    if pod:
+        config.mesh = PODS[pod]["mesh"]
+        config.model.image.remat = config.model.text.remat = PODS[pod]["remat"]
     # manual_dir / tfds_dir: where evaluators of datasets find them (clippy_jax/data/eval_datasets/README.md)
     config.eval = dict(evaluators=(), every_steps=10_000, batch_size=256, num_overlays=8, max_examples=0,
                        progress=True, manual_dir="", tfds_dir=os.path.expanduser("~/tensorflow_datasets"))

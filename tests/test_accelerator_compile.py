@@ -150,6 +150,19 @@ def test_plan_runs_the_config_checks_of_main_before_compiling():
     assert refused.returncode != 0 and "needs --topology" in refused.stderr
 
 
+def test_cloud_tpu_accelerator_types_map_to_their_default_topologies():
+    """As Cloud TPU's documentation lists them (v4 and v5p count TensorCores, two per chip; v5e and v6e chips)."""
+    expected = {"v4-8": ("TPU v4", "2x2x1"), "v4-32": ("TPU v4", "2x2x4"), "v4-64": ("TPU v4", "2x4x4"),
+                "v4-128": ("TPU v4", "4x4x4"), "v4-512": ("TPU v4", "4x8x8"), "v5p-128": ("TPU v5p", "4x4x4"),
+                "v5litepod-1": ("TPU v5e", "1x1"), "v5litepod-8": ("TPU v5e", "2x4"),
+                "v5litepod-16": ("TPU v5e", "4x4"), "v5litepod-128": ("TPU v5e", "8x16"),
+                "v5litepod-256": ("TPU v5e", "16x16"), "v6e-64": ("TPU v6e", "8x8")}
+    assert {name: targets.tpu_slice(name) for name in expected} == expected
+    for bad in ("v3-8", "v4-24", "v5litepod"):
+        with pytest.raises(ValueError, match=f"{bad!r}"):
+            targets.tpu_slice(bad)
+
+
 def test_tpu_topologies_give_one_device_per_chip_and_slices_over_dcn():
     assert len(targets.target_devices("TPU v4", topology="2x2x2")) == 8  # megacore: one device per chip
     two_slices = targets.target_devices("TPU v5e", topology="2x2", slices=2)
@@ -161,3 +174,22 @@ def test_tpu_topologies_give_one_device_per_chip_and_slices_over_dcn():
     mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=8, model=1)), gpus)
     assert plan._node_axes(mesh, 8) == {"data"}
     np.testing.assert_equal(len({d.id for d in gpus}), 16)
+
+
+def test_every_launch_plan_of_the_paper_configs_passes_the_checks_on_its_pods_devices():
+    """`configs/cc12m.py:pod=NAME` (BENCHMARKS.md, "Pod plans") is a valid config for NAME's device count."""
+    from clippy_jax import config_checks
+
+    spec = importlib.util.spec_from_file_location("cc12m", os.path.join(REPO, "configs", "cc12m.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for pod in module.paper.PODS:
+        config = module.get_config(f"pod={pod}")
+        if pod.startswith(("h", "a")):
+            count = int(pod.partition("x")[2])
+        else:
+            count = targets.topology_chips(targets.tpu_slice(pod)[1])
+        config_checks.validate(config, count, paths=False)
+        assert config.model.image.remat == module.paper.PODS[pod]["remat"]
+    with pytest.raises(ValueError, match="Unknown pod='v9-8'"):
+        module.get_config("pod=v9-8")
