@@ -372,6 +372,9 @@ def advice(plan: dict, memory: float, config: ml_collections.ConfigDict) -> list
     if config.model.image.get("remat") != "full" or config.model.text.get("remat") != "full":
         changes.append(Change("rematerialise everything but each block's input",
                               {"model.image.remat": "full", "model.text.remat": "full"}))
+    if len(changes) > 1 and "mesh.fsdp" in changes[0].overrides:  # the batch kept: every lever at once
+        combined = {k: v for change in changes for k, v in change.overrides.items()}
+        changes.append(Change("both: shard the state and rematerialise everything (the batch kept)", combined))
     batch = plan["global_batch"] // 2
     overrides: dict[str, object] = {"train.batch_size": batch}
     if config.train.loss_block_size and batch % config.train.loss_block_size:

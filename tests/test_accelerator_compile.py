@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import app
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from clippy_jax import plan, sharding, targets
@@ -29,11 +30,11 @@ TARGETS = {"tpu": TPU, "gpu": GPU}
 CUDNN = re.compile(r'custom_call_target="__cudnn\$(fmha\w+)"')
 
 
-def _config(**mesh) -> ml_collections.ConfigDict:
+def _config(arg: str = "", **mesh) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("")
+    config = module.get_config(arg)
     config.model.dtype = "bfloat16"  # the accelerators' compute dtype (configs/paper.py)
     config.mesh.update(mesh)
     return config
@@ -77,8 +78,10 @@ def test_train_step_compiles_for_the_target_with_its_code_paths_and_the_plan_rep
 
 
 def test_the_cpu_program_of_the_same_step_takes_the_cpu_path():
-    """The control of the checks above: compiled for host devices, the dense layers are `bf16_matmul`."""
-    step, state, batch, _ = plan._abstract_step(_config(), jax.devices()[:4])
+    """The control of the checks above: compiled for host devices, the dense layers are `bf16_matmul` (the tiny
+    demo model: the same layers, compiled faster)."""
+    config = _config("size=tiny")
+    step, state, batch, _ = plan._abstract_step(config, jax.devices()[:4])
     hlo = step.lower(state, batch).compile().as_text()
     assert "bf16_matmul" in hlo and not CUDNN.findall(hlo)
 
@@ -118,10 +121,8 @@ def test_evaluation_and_inference_functions_compile_for_the_target(platform):
 def test_plan_turns_the_tpu_compilers_refusal_into_does_not_fit_with_advice_that_compiles():
     """The tiny demo model at a batch whose activations exceed one v5e chip's 16 GiB: XLA:TPU refuses it; the plan
     reports what the compiler said it needs, and its advice to halve the batch, applied, compiles and fits."""
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("size=tiny")
+    config = _config("size=tiny")
+    config.model.dtype = "float32"
     config.train.batch_size = 65536
     devices = targets.target_devices("TPU v5e", topology="1x1")
     report = plan.make_plan(config, devices, "TPU v5e", check_advice=False)
@@ -144,10 +145,11 @@ def test_plan_runs_the_config_checks_of_main_before_compiling():
                             text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     assert "train.loss_block_size" in result.stderr and "Traceback" not in result.stderr
-    refused = subprocess.run([sys.executable, "-m", "clippy_jax.plan", "--config=configs/demo.py:size=tiny",
-                              "--target=TPU v5e"], check=False, cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=120)
-    assert refused.returncode != 0 and "needs --topology" in refused.stderr
+    with pytest.raises(app.UsageError, match="needs --topology"):
+        plan._device_count("TPU v5e", 0, "", 1)
+    with pytest.raises(app.UsageError, match="--devices is for GPUs"):
+        plan._device_count("TPU v5e", 8, "2x2", 1)
+    assert plan._device_count("TPU v4", 0, "2x2x4", 2) == 32 and plan._device_count("NVIDIA H100", 0, "", 1) == 8
 
 
 def test_cloud_tpu_accelerator_types_map_to_their_default_topologies():
