@@ -73,10 +73,20 @@ class TargetUnavailable(RuntimeError):
     """The target's compiler is not installed (or refused the topology); the message says what to install."""
 
 
+def _accelerator_type(accelerator: Accelerator, topology: str) -> str:
+    """Cloud TPU's name of a slice: 'v5litepod-16' for a v5e 4x4, 'v4-32' for a v4 2x2x4 (TensorCores counted)."""
+    prefix = next(name for name, (target, _) in _TPU_TYPES.items() if ACCELERATORS[target] == accelerator)
+    return f"{prefix}-{topology_chips(topology) * _TPU_TYPES[prefix][1]}"
+
+
 def _tpu_devices(accelerator: Accelerator, topology: str, slices: int) -> list[jax.Device]:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask: this is not a TPU VM
     # No TPU is opened, so compiling processes may run side by side (libtpu otherwise takes /tmp/libtpu_lockfile).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # What a TPU VM's metadata would say; without them libtpu logs errors at start-up. The devices come from the
+    # topology asked for below, whatever these say (checked: a v4 slice after a v5e one in the same process).
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(accelerator, topology))
     from jax.experimental import topologies
 
     if importlib.util.find_spec("libtpu") is None:
