@@ -13,8 +13,10 @@ from absl import logging
 from clippy_jax.data import eval_datasets, pipeline, sources
 from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
+from clippy_jax.models.layers import REMAT_POLICIES
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
 from clippy_jax.models.vit import VisionTransformer, patch_geometry, patch_grid
+from clippy_jax.platforms import ATTENTION_IMPLEMENTATIONS
 from clippy_jax.sharding import mesh_shape
 
 # Evaluators that read the held-out split of `data.eval_pattern` (written by the demo for source=synthetic).
@@ -71,6 +73,9 @@ def _check_data(root: ml_collections.ConfigDict, paths: bool) -> None:
     if paths and data.source != "synthetic" and not data.tokenizer_path:
         _fail("data.tokenizer_path", data.tokenizer_path, f"is empty but data.source={data.source!r}",
               "pass a SentencePiece model (e.g. T5's spiece.model)")
+    if paths and data.tokenizer_path and not tf.io.gfile.exists(data.tokenizer_path):
+        _fail("data.tokenizer_path", data.tokenizer_path, "does not exist",
+              "pass the path of a SentencePiece model file (e.g. T5's spiece.model)")
     for setting in ("image_key", "text_key"):
         if not sources.split_keys(data[setting] or ""):
             _fail(f"data.{setting}", data[setting], "names no key", "pass comma-separated keys, e.g. 'jpg,png'")
@@ -141,6 +146,14 @@ def _check_model(root: ml_collections.ConfigDict) -> None:
     _integer(root, "model.text.vocab_size", 0, "pass 0 (the tokenizer's size) or the embedding table's size")
     _integer(root, "model.embed_dim", 1)
     _real(root, "model.temperature_init", 0.0, low_open=True)
+    for tower in ("image", "text"):  # the towers' own defaults ('none', 'auto') where the config leaves them out
+        remat, attention = model[tower].get("remat", "none"), model[tower].get("attention", "auto")
+        if remat != "none" and remat not in REMAT_POLICIES:
+            _fail(f"model.{tower}.remat", remat, "is not a remat policy",
+                  f"choose 'none' or one of {sorted(REMAT_POLICIES)}")
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            _fail(f"model.{tower}.attention", attention, "is not an attention kernel",
+                  f"choose one of {ATTENTION_IMPLEMENTATIONS}")
     grid = image.get("posemb_grid")
     if grid is not None and (len(grid) != 2 or min(grid) < 1):
         _fail("model.image.posemb_grid", tuple(grid), "is not two positive sizes", "pass (rows, columns)")
@@ -190,6 +203,7 @@ def _check_eval(root: ml_collections.ConfigDict) -> None:
     _integer(root, "eval.every_steps", 0, "pass 0 (only after training) or an interval >= 1")
     _integer(root, "eval.batch_size", 1)
     _integer(root, "eval.num_overlays", 0)
+    _integer(root, "eval.max_examples", 0, "pass 0 (every example) or a positive count")
     try:
         tasks = runner.resolve_tasks(config)
     except ValueError as error:

@@ -46,7 +46,9 @@ def _suggest_huge_pages() -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        print(f"{argv[0]}: unexpected arguments {argv[1:]}: every setting is a flag (--config=..., --workdir=..., "
+              "--config.section.key=value)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; leave accelerators to JAX.
     logs.quiet_libraries()
     distributed.initialize()

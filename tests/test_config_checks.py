@@ -58,7 +58,7 @@ def test_the_shipped_demo_configs_pass(arg):
     ({"train.batch_size": 12}, "config.train.batch_size=12 is not divisible by the 8 data-parallel devices"),
     ({"train.loss_block_size": 3}, "config.train.loss_block_size=3 does not divide config.train.batch_size=16"),
     # consistency between settings
-    ({"data.source": "webdataset", "data.train_pattern": "/x/*.tar", "data.tokenizer_path": "/x/spm.model"},
+    ({"data.source": "webdataset", "data.train_pattern": "/x/*.tar", "data.tokenizer_path": __file__},
      "config.data.eval_pattern='' is empty but config.eval.evaluators names 'synthetic_segmentation'"),
     ({"data.source": "webdataset"}, "config.data.train_pattern='' is empty but data.source='webdataset'"),
     # names
@@ -67,6 +67,11 @@ def test_the_shipped_demo_configs_pass(arg):
     ({"eval.evaluators": ("segmentaton",)}, "Unknown evaluator 'segmentaton'"),
     ({"init.image": "/no/such/dir"}, "config.init.image='/no/such/dir' is not a directory"),
     ({"data.text_key": "json:"}, "'json:' is not KEY or KEY:FIELD"),
+    ({"model.image.remat": "some"}, "config.model.image.remat='some' is not a remat policy; choose 'none' or one of"),
+    ({"model.text.attention": "flash"}, "config.model.text.attention='flash' is not an attention kernel"),
+    ({"eval.max_examples": -1}, "config.eval.max_examples=-1 must be >= 0"),
+    ({"data.source": "webdataset", "data.train_pattern": "/x/*.tar", "data.tokenizer_path": "/nonexistent.model"},
+     "config.data.tokenizer_path='/nonexistent.model' does not exist"),
 ])
 def test_bad_settings_are_rejected_naming_setting_value_and_fix(overrides, message):
     with pytest.raises(ValueError, match=None) as raised:
@@ -109,3 +114,12 @@ def test_model_presets_pass_the_checks():
     config.model.image.variant = "Q/16"
     with pytest.raises(config_checks.ConfigError, match="Q/16"):
         config_checks.validate(config, num_devices=8)
+
+
+def test_main_refuses_a_positional_argument_with_exit_2_and_one_line(tmp_path):
+    from tests.helpers import run_main
+
+    result = run_main(str(tmp_path / "w"), "stray", check=False, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "unexpected arguments ['stray']" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "w").exists()
