@@ -15,6 +15,7 @@ from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
 from clippy_jax.models.layers import REMAT_POLICIES
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
+from clippy_jax.models.t5 import T5Encoder
 from clippy_jax.models.vit import VisionTransformer, patch_geometry, patch_grid
 from clippy_jax.platforms import ATTENTION_IMPLEMENTATIONS
 from clippy_jax.sharding import mesh_shape
@@ -146,8 +147,8 @@ def _check_model(root: ml_collections.ConfigDict) -> None:
     _integer(root, "model.text.vocab_size", 0, "pass 0 (the tokenizer's size) or the embedding table's size")
     _integer(root, "model.embed_dim", 1)
     _real(root, "model.temperature_init", 0.0, low_open=True)
-    for tower in ("image", "text"):  # the towers' own defaults ('none', 'auto') where the config leaves them out
-        remat, attention = model[tower].get("remat", "none"), model[tower].get("attention", "auto")
+    for tower, module in (("image", VisionTransformer), ("text", T5Encoder)):  # its defaults where the config is silent
+        remat, attention = model[tower].get("remat", module.remat), model[tower].get("attention", module.attention)
         if remat != "none" and remat not in REMAT_POLICIES:
             _fail(f"model.{tower}.remat", remat, "is not a remat policy",
                   f"choose 'none' or one of {sorted(REMAT_POLICIES)}")

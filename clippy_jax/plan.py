@@ -34,6 +34,7 @@ from clippy_jax.data.preprocess import kept_patch_count
 from clippy_jax.models import TwoTower, build_model
 from clippy_jax.models.t5 import T5_VOCAB_SIZE
 from clippy_jax.models.vit import patch_geometry, patch_grid
+from clippy_jax.train import perf
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import abstract_train_state, make_train_step
 
@@ -232,9 +233,7 @@ def costs(compiled: jax.stages.Compiled) -> dict[str, float]:
     """FLOPs and bytes accessed of one call of a compiled (per-device, partitioned and fused) program. XLA:GPU
     reports no cost analysis; its optimised HLO module is then costed by XLA's HLO cost analysis on the CPU
     client (custom calls such as cuDNN attention count no FLOPs there)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0] if analysis else None
+    analysis = perf.cost_analysis(compiled)
     if not analysis:
         from jax._src.lib import xla_client  # the one entry point to XLA's HLO cost analysis of a module
 

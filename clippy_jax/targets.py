@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import jax
 
+from clippy_jax import platforms
+
 _GPU_TARGETS = os.path.join(os.path.dirname(__file__), "gpu_targets")
 
 
@@ -67,26 +69,29 @@ ACCELERATORS: dict[str, Accelerator] = {
 
 
 _SINGLE_HOST_CHIPS = 8  # v5e and v6e slices of up to 8 chips are one host (v5litepod-1, -4, -8)
+# Cloud TPU accelerator types: generation prefix -> (target, TensorCores per chip counted in the type's number).
+_TPU_TYPES = {"v4": ("TPU v4", 2), "v5p": ("TPU v5p", 2), "v5litepod": ("TPU v5e", 1), "v6e": ("TPU v6e", 1)}
 
 
 class TargetUnavailable(RuntimeError):
     """The target's compiler is not installed (or refused the topology); the message says what to install."""
 
 
-def _accelerator_type(accelerator: Accelerator, topology: str) -> str:
+def _accelerator_type(target: str, topology: str) -> str:
     """Cloud TPU's name of a slice: 'v5litepod-16' for a v5e 4x4, 'v4-32' for a v4 2x2x4 (TensorCores counted)."""
-    prefix = next(name for name, (target, _) in _TPU_TYPES.items() if ACCELERATORS[target] == accelerator)
-    return f"{prefix}-{topology_chips(topology) * _TPU_TYPES[prefix][1]}"
+    prefix, (_, cores_per_chip) = next((p, t) for p, t in _TPU_TYPES.items() if t[0] == target)
+    return f"{prefix}-{topology_chips(topology) * cores_per_chip}"
 
 
-def _tpu_devices(accelerator: Accelerator, topology: str, slices: int) -> list[jax.Device]:
+def _tpu_devices(target: str, topology: str, slices: int) -> list[jax.Device]:
+    accelerator = ACCELERATORS[target]
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask: this is not a TPU VM
     # No TPU is opened, so compiling processes may run side by side (libtpu otherwise takes /tmp/libtpu_lockfile).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # What a TPU VM's metadata would say; without them libtpu logs errors at start-up. The devices come from the
     # topology asked for below, whatever these say (checked: a v4 slice after a v5e one in the same process).
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(accelerator, topology))
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(target, topology))
     from jax.experimental import topologies
 
     if importlib.util.find_spec("libtpu") is None:
@@ -126,16 +131,12 @@ def target_devices(target: str, count: int = 0, topology: str = "", slices: int 
     accelerator = ACCELERATORS[target]
     try:
         if accelerator.platform == "tpu":
-            return _tpu_devices(accelerator, topology, slices)
+            return _tpu_devices(target, topology, slices)
         return _gpu_devices(accelerator, count)
     except TargetUnavailable:
         raise
     except jax.errors.JaxRuntimeError as error:
         raise TargetUnavailable(f"{target}: {str(error).splitlines()[0]}") from error
-
-
-# Cloud TPU accelerator types: generation prefix -> (target, TensorCores per chip counted in the type's number).
-_TPU_TYPES = {"v4": ("TPU v4", 2), "v5p": ("TPU v5p", 2), "v5litepod": ("TPU v5e", 1), "v6e": ("TPU v6e", 1)}
 
 
 def tpu_slice(accelerator_type: str) -> tuple[str, str]:
@@ -169,10 +170,10 @@ def topology_chips(topology: str) -> int:
 
 def compiler_name(devices: Sequence[jax.Device]) -> str:
     """Which compiler builds programs for `devices`, with its version: what the plan's figures come from."""
-    platform = devices[0].platform
+    platform = platforms.platform_of(devices)
     if platform == "tpu":
         return f"XLA:TPU (libtpu {importlib.metadata.version('libtpu')}, {devices[0].device_kind})"
-    if platform in ("gpu", "cuda"):
+    if platform == "gpu":
         plugins = [d.metadata["Name"] for d in importlib.metadata.distributions()
                    if d.metadata["Name"].startswith("jax-cuda") and d.metadata["Name"].endswith("-plugin")]
         version = importlib.metadata.version(plugins[0]) if plugins else "?"

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from clippy_jax import plan, sharding, targets
 from clippy_jax.evaluate import engine, segmentation
+from clippy_jax.evaluate.loading import load_config_file
 from clippy_jax.inference import image_functions
 from clippy_jax.models import build_model
 from tests.helpers import REPO
@@ -31,10 +32,7 @@ CUDNN = re.compile(r'custom_call_target="__cudnn\$(fmha\w+)"')
 
 
 def _config(arg: str = "", **mesh) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = load_config_file(os.path.join(REPO, "configs", "demo.py") + (f":{arg}" if arg else ""))
     config.model.dtype = "bfloat16"  # the accelerators' compute dtype (configs/paper.py)
     config.mesh.update(mesh)
     return config

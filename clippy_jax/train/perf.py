@@ -26,11 +26,17 @@ PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
 }
 
 
-def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
-    """FLOPs of one call of a compiled (per-device, SPMD-partitioned) program, if XLA reports them."""
+def cost_analysis(compiled: jax.stages.Compiled) -> dict | None:
+    """XLA's cost analysis of a compiled program (one dict, whichever form the backend returns), if it has one."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else None
+    return analysis or None
+
+
+def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
+    """FLOPs of one call of a compiled (per-device, SPMD-partitioned) program, if XLA reports them."""
+    analysis = cost_analysis(compiled)
     if not analysis or "flops" not in analysis:
         return None
     return float(analysis["flops"])
