@@ -3,14 +3,16 @@
 The CNN baseline of the paper (appendix F, Tab. 3) is ALIGN's EfficientNet-B5. The tower returns
 timm's `forward_features`: the last feature map [B, H/32, W/32, C] after the head convolution,
 BatchNorm and SiLU, without pooling or classifier. Two paddings: 'pytorch' (symmetric, timm's
-`efficientnet_b*`) and 'same' (TensorFlow's SAME, which pads more at the bottom/right where the
-size is odd or the stride is 2; timm's `tf_efficientnet_b*`, the ALIGN lineage).
+`efficientnet_b*`) and 'same' (TensorFlow's SAME, timm's `tf_efficientnet_b*`, the ALIGN lineage),
+which differ where a stride-2 convolution meets an even side: SAME pads one pixel less at the
+top/left (3x3: none before, one after).
 
 BatchNorm statistics live in the `batch_stats` collection. In training (`train=True`) the layers
 normalise with the statistics of the batch and update the running averages; apply the module with
 `mutable=['batch_stats']`. Under `jit` with the batch sharded over devices, the batch mean and
 variance are means over the sharded batch axis, which XLA computes as global reductions: the
-statistics are those of the global batch, as on one device. `frozen_batch_stats=True` normalises
+statistics are those of the global batch, as on one device (inside `shard_map` or `pmap` they would
+be per device, and would need a `pmean` over the batch axes). `frozen_batch_stats=True` normalises
 with the running averages in training too and leaves them unchanged (fine-tuning from ImageNet).
 
 Tree (timm's names): `conv_stem`, `bn1`, `blocks_S_I` (stage S, block I) with `conv_dw`, `bn1`,
@@ -57,6 +59,10 @@ BN_EPSILON = {"pytorch": 1e-5, "same": 1e-3}  # PyTorch's default; TensorFlow's 
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 DEPTHWISE_AXES = ("conv_height", "conv_width", None, "conv_out")  # kernel [kh, kw, 1, C]
 CHANNEL_AXES = ("conv_out",)  # biases, BatchNorm scale / bias / mean / var
+# Squeeze-and-excitation's bottleneck, a quarter of a block's input channels (B5: 6 to 128), which a
+# mesh axis need not divide: its own name, so that sharding rules can leave it whole.
+SE_REDUCE_AXES = ("conv_height", "conv_width", "conv_in", "conv_squeeze")
+SE_EXPAND_AXES = ("conv_height", "conv_width", "conv_squeeze", "conv_out")
 FEATURE_MAP_AXES = ("batch", "height", "width", "conv_out")
 
 
@@ -88,13 +94,12 @@ def conv_padding(padding: str, kernel: int, stride: int) -> str | tuple[tuple[in
     return ((pad, pad), (pad, pad))
 
 
-def conv_init(depthwise: bool = False) -> nn.initializers.Initializer:
-    """timm's (and TF's) EfficientNet initialisation, normal with variance 2 / fan_out, with logical axes.
-    A depthwise kernel [kh, kw, 1, C] has fan_out kh * kw (one output channel per group)."""
-    if depthwise:
-        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal", in_axis=-1, out_axis=-2)
-        return nn.with_logical_partitioning(init, DEPTHWISE_AXES)
-    return nn.with_logical_partitioning(nn.initializers.variance_scaling(2.0, "fan_out", "normal"), CONV_AXES)
+def conv_init(axes: tuple[str | None, ...] = CONV_AXES) -> nn.initializers.Initializer:
+    """timm's (and TF's) EfficientNet initialisation, normal with variance 2 / fan_out, with logical `axes`.
+    A depthwise kernel [kh, kw, 1, C] (`DEPTHWISE_AXES`) has fan_out kh * kw (one output channel per group)."""
+    in_axis, out_axis = (-1, -2) if axes == DEPTHWISE_AXES else (-2, -1)
+    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal", in_axis=in_axis, out_axis=out_axis)
+    return nn.with_logical_partitioning(init, axes)
 
 
 class BatchNorm(nn.Module):
@@ -146,11 +151,14 @@ class SqueezeExcite(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(kernel_size=(1, 1), kernel_init=conv_init(), dtype=self.dtype, param_dtype=self.param_dtype,
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, CHANNEL_AXES))
+        def conv(features: int, axes: tuple[str, ...], name: str) -> nn.Conv:
+            return nn.Conv(features, (1, 1), kernel_init=conv_init(axes), name=name, dtype=self.dtype,
+                           param_dtype=self.param_dtype,
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+
         s = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(self.dtype)  # [B, 1, 1, C]
-        s = nn.silu(nn.Conv(self.reduced, name="conv_reduce", **kw)(s))  # [B, 1, 1, R]
-        s = nn.Conv(x.shape[-1], name="conv_expand", **kw)(s)  # [B, 1, 1, C]
+        s = nn.silu(conv(self.reduced, SE_REDUCE_AXES, "conv_reduce")(s))  # [B, 1, 1, R]
+        s = conv(x.shape[-1], SE_EXPAND_AXES, "conv_expand")(s)  # [B, 1, 1, C]
         return x * nn.sigmoid(s)
 
 
@@ -191,7 +199,7 @@ class MBConvBlock(nn.Module):
             y = norm(pointwise(y, make_divisible(in_features * self.expansion), "conv_pw"), "bn1")  # [B, H, W, E]
         mid = y.shape[-1]
         y = nn.Conv(mid, (self.kernel, self.kernel), strides=self.stride, feature_group_count=mid, use_bias=False,
-                    padding=conv_padding(self.padding, self.kernel, self.stride), kernel_init=conv_init(depthwise=True),
+                    padding=conv_padding(self.padding, self.kernel, self.stride), kernel_init=conv_init(DEPTHWISE_AXES),
                     name="conv_dw", **kw)(y)  # [B, H / s, W / s, E]
         y = norm(y, "bn2" if inverted else "bn1")
         y = SqueezeExcite(max(1, round(in_features * SE_RATIO)), name="se", **kw)(y)
