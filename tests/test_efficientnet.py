@@ -29,6 +29,7 @@ from clippy_jax.convert.__main__ import cli
 from clippy_jax.convert.common import load_pretrained, load_pretrained_batch_stats, unflatten
 from clippy_jax.convert.efficientnet import convert_efficientnet
 from clippy_jax.models.efficientnet import (
+    BatchNorm,
     EfficientNet,
     MBConvBlock,
     efficientnet_config,
@@ -159,6 +160,12 @@ def test_drop_path_drops_whole_residual_branches_per_sample_in_training_only():
     is_input = np.all(np.isclose(dropped, x, atol=1e-6), axis=(1, 2, 3))
     is_scaled = np.all(np.isclose(dropped, x + (kept - x) / 0.5, atol=1e-5), axis=(1, 2, 3))
     assert np.all(is_input ^ is_scaled) and 0 < is_input.sum() < len(x), (is_input, is_scaled)
+
+
+def test_batch_norm_refuses_training_on_one_value_per_channel():
+    """As PyTorch does: the unbiased running variance would divide by zero."""
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        BatchNorm().init(jax.random.key(0), np.zeros((1, 1, 1, 4), np.float32), use_running_average=False)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ Tree (timm's names): `conv_stem`, `bn1`, `blocks_S_I` (stage S, block I) with `c
 `conv_head`, `bn2`. BatchNorms hold params `scale`, `bias` and batch_stats `mean`, `var`.
 """
 
+import functools
 import math
 
 import flax.linen as nn
@@ -40,16 +41,16 @@ EFFICIENTNET_PRESETS: dict[str, tuple[float, float, int]] = {
     "b6": (1.8, 2.6, 528),
     "b7": (2.0, 3.1, 600),
 }
-# EfficientNet-B0's stages (the paper's Tab. 1, timm's arch_def): (block, repeats, kernel, stride,
-# expansion ratio, output channels); 'ds' is depthwise-separable, 'ir' the inverted residual (MBConv).
-STAGES: tuple[tuple[str, int, int, int, int, int], ...] = (
-    ("ds", 1, 3, 1, 1, 16),
-    ("ir", 2, 3, 2, 6, 24),
-    ("ir", 2, 5, 2, 6, 40),
-    ("ir", 3, 3, 2, 6, 80),
-    ("ir", 3, 5, 1, 6, 112),
-    ("ir", 4, 5, 2, 6, 192),
-    ("ir", 1, 3, 1, 6, 320),
+# EfficientNet-B0's stages (the paper's Tab. 1, timm's arch_def): (repeats, kernel, stride, expansion
+# ratio, output channels); expansion 1 is the depthwise-separable block, 6 the inverted residual (MBConv).
+STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
 )
 STEM_CHANNELS, HEAD_CHANNELS = 32, 1280
 SE_RATIO = 0.25  # squeeze-and-excitation width, relative to the block's input channels
@@ -73,12 +74,13 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 def round_channels(channels: int, width_multiplier: float) -> int:
+    """B0's `channels` scaled by `width_multiplier`, rounded as timm does."""
     return make_divisible(channels * width_multiplier)
 
 
 def stage_repeats(depth_multiplier: float) -> tuple[int, ...]:
     """Blocks per stage: B0's repeats scaled by `depth_multiplier`, rounded up (B5: 3, 5, 5, 7, 7, 9, 3)."""
-    return tuple(int(math.ceil(repeats * depth_multiplier)) for _, repeats, *_ in STAGES)
+    return tuple(int(math.ceil(repeats * depth_multiplier)) for repeats, *_ in STAGES)
 
 
 def stage_channels(width_multiplier: float) -> tuple[int, ...]:
@@ -118,6 +120,7 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
+        """x: [B, H, W, C] -> [B, H, W, C] in `dtype`."""
         features = x.shape[-1]
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, CHANNEL_AXES), (features,),
                            self.param_dtype)
@@ -133,8 +136,10 @@ class BatchNorm(nn.Module):
             x32 = x.astype(jnp.float32)
             mean = jnp.mean(x32, axis=(0, 1, 2))  # [C], over the global batch
             var = jnp.mean(jnp.square(x32 - mean), axis=(0, 1, 2))
+            count = x.size // features
+            if count < 2:
+                raise ValueError(f"BatchNorm in training needs more than one value per channel, got {x.shape}.")
             if not self.is_initializing():
-                count = x.size // features
                 running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
                 running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var * count / (count - 1)
         multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
@@ -222,8 +227,8 @@ class EfficientNet(nn.Module):
       bn_momentum: Flax's momentum of the running statistics: 0.9 equals PyTorch's 0.1, which timm
         uses for both variants (the TF reference implementation trains with 0.99).
       frozen_batch_stats: normalise with the running statistics in training too, never updating them.
-      drop_path_rate: stochastic depth of the last block; block i of n drops with rate * i / n (timm).
-        Training with a rate > 0 needs a 'dropout' rng.
+      drop_path_rate: stochastic depth: block i of n (from 0) drops its residual branch with probability
+        rate * i / n, per sample, as in timm. Training with a rate > 0 needs a 'dropout' rng.
       dtype: compute dtype (e.g. bfloat16); param_dtype: storage dtype of the parameters. BatchNorm
         statistics are computed and stored in float32.
     """
@@ -254,28 +259,28 @@ class EfficientNet(nn.Module):
             raise ValueError(f"Unknown padding={self.padding!r}; choose from {PADDINGS}.")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         epsilon = BN_EPSILON[self.padding] if self.bn_epsilon is None else self.bn_epsilon
-        bn = dict(momentum=self.bn_momentum, epsilon=epsilon, **kw)
         use_running_average = not train or self.frozen_batch_stats
+        batch_norm = functools.partial(BatchNorm, self.bn_momentum, epsilon, **kw)
 
         x = nn.Conv(round_channels(STEM_CHANNELS, self.width_multiplier), (3, 3), strides=2, use_bias=False,
                     padding=conv_padding(self.padding, 3, 2), kernel_init=conv_init(), name="conv_stem",
                     **kw)(images.astype(self.dtype))  # [B, H / 2, W / 2, C]
-        x = nn.silu(BatchNorm(name="bn1", **bn)(x, use_running_average))
+        x = nn.silu(batch_norm(name="bn1")(x, use_running_average))
         repeats = stage_repeats(self.depth_multiplier)
         channels = stage_channels(self.width_multiplier)
         total, index = sum(repeats), 0
-        for stage, ((_, _, kernel, stride, expansion, _), count, features) in enumerate(
+        for stage, ((_, kernel, stride, expansion, _), count, features) in enumerate(
                 zip(STAGES, repeats, channels, strict=True)):
             for i in range(count):
                 x = MBConvBlock(
                     features, kernel, stride if i == 0 else 1, expansion, self.padding,
-                    drop_path_rate=self.drop_path_rate * index / total, bn_momentum=bn["momentum"],
-                    bn_epsilon=bn["epsilon"], frozen_batch_stats=self.frozen_batch_stats, name=f"blocks_{stage}_{i}",
+                    drop_path_rate=self.drop_path_rate * index / total, bn_momentum=self.bn_momentum,
+                    bn_epsilon=epsilon, frozen_batch_stats=self.frozen_batch_stats, name=f"blocks_{stage}_{i}",
                     **kw,
                 )(x, train)
                 index += 1
         x = nn.Conv(self.width, (1, 1), use_bias=False, kernel_init=conv_init(), name="conv_head", **kw)(x)
-        x = nn.silu(BatchNorm(name="bn2", **bn)(x, use_running_average))  # [B, H / 32, W / 32, width]
+        x = nn.silu(batch_norm(name="bn2")(x, use_running_average))  # [B, H / 32, W / 32, width]
         return nn.with_logical_constraint(x, FEATURE_MAP_AXES)
 
 
