@@ -351,12 +351,16 @@ def read_config(step_path: str) -> ml_collections.ConfigDict | None:
     return ml_collections.ConfigDict(_tuples(restored[CONFIG_ITEM]))
 
 
-def restore_params(step_path: str) -> dict:
-    """The `params` subtree of the TrainState saved in a step folder, as numpy arrays (orbax partial restore)."""
+def restore_variables(step_path: str) -> dict:
+    """The Flax variables of the TrainState saved in a step folder, as numpy arrays (orbax partial restore):
+    {'params': ..., 'batch_stats': ...}, the BatchNorm statistics empty for models without BatchNorm (and for
+    steps saved before the TrainState held them)."""
     checkpointer = _composite_checkpointer()
     tree = checkpointer.metadata(step_path).item_metadata[STATE_ITEM].tree
-    abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])}
+    abstract = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree[key])
+                for key in ("params", "batch_stats") if tree.get(key)}
     args = ocp.args.PyTreeRestore(
         item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
     )
-    return checkpointer.restore(step_path, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]["params"]
+    restored = checkpointer.restore(step_path, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+    return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

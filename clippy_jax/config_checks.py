@@ -3,6 +3,7 @@
 Every check raises `ConfigError` with one message naming the setting, its value and the fix.
 """
 
+import dataclasses
 import math
 import numbers
 
@@ -13,9 +14,11 @@ from absl import logging
 from clippy_jax.data import eval_datasets, pipeline, sources
 from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
+from clippy_jax.models.efficientnet import EFFICIENTNET_PRESETS, PADDINGS, EfficientNet
 from clippy_jax.models.layers import REMAT_POLICIES
 from clippy_jax.models.pooling import IMAGE_POOLS, TEXT_POOLS, lookup
 from clippy_jax.models.t5 import T5Encoder
+from clippy_jax.models.towers import IMAGE_TOWERS, has_cls, is_cnn
 from clippy_jax.models.vit import VisionTransformer, patch_geometry, patch_grid
 from clippy_jax.platforms import ATTENTION_IMPLEMENTATIONS
 from clippy_jax.sharding import mesh_shape
@@ -88,24 +91,10 @@ def _check_data(root: ml_collections.ConfigDict, paths: bool) -> None:
         _fail(f"data.{key}", data[key], "is not a data setting: the pipeline cuts the patches the ViT embeds",
               f"set config.model.image.{key} only (it is read by the pipeline and the model)")
     size = _integer(root, "data.image_size", 1)
-    _integer(root, "model.image.patch_size", 1)
-    patch, stride = patch_geometry(root.model.image)
-    if not 1 <= stride <= patch:
-        _fail("model.image.patch_stride", stride, f"must be in [1, {patch}] (the patch size)",
-              "pass a smaller stride for overlapping patches, or 0 for patches side by side")
-    if stride == patch and size % patch:
-        _fail("data.image_size", size, f"is not a multiple of config.model.image.patch_size={patch}",
-              f"use a multiple of {patch}")
-    if size < patch or (size - patch) % stride:
-        _fail("data.image_size", size, f"is not covered by {patch}-pixel patches {stride} pixels apart "
-              "(config.model.image.patch_size / patch_stride)", f"use {patch} + a multiple of {stride}")
-    total = math.prod(patch_grid((size, size), patch, stride))
-    if data.keep_patches:
-        _integer(root, "data.keep_patches", 0)
-        if data.keep_patches > total:
-            _fail("data.keep_patches", data.keep_patches, f"exceeds the {total} patches of an image",
-                  f"pass 0 (use data.keep_ratio) or at most {total}")
-    _real(root, "data.keep_ratio", 0.0, 1.0, low_open=True, high_open=False)
+    if is_cnn(root.model.image):
+        _check_whole_images(root)
+    else:
+        _check_patches(root, size)
     for setting in ("mean", "std"):
         values = tuple(data[setting])
         if len(values) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
@@ -126,28 +115,67 @@ def _check_data(root: ml_collections.ConfigDict, paths: bool) -> None:
         _integer(root, "data.synthetic.workers", 0)
 
 
+def _check_whole_images(root: ml_collections.ConfigDict) -> None:
+    """A CNN tower takes whole images: no patch dropping."""
+    tower = root.model.image.tower
+    if root.data.keep_ratio != 1.0:
+        _fail("data.keep_ratio", root.data.keep_ratio, f"drops patches, but config.model.image.tower={tower!r} "
+              "takes whole images", "set config.data.keep_ratio=1.0")
+    if root.data.keep_patches:
+        _fail("data.keep_patches", root.data.keep_patches, f"keeps patches, but config.model.image.tower={tower!r} "
+              "takes whole images", "set config.data.keep_patches=0")
+
+
+def _check_patches(root: ml_collections.ConfigDict, size: int) -> None:
+    """The ViT's patch geometry covers the image, and patch dropping keeps at most the patches there are."""
+    data = root.data
+    _integer(root, "model.image.patch_size", 1)
+    patch, stride = patch_geometry(root.model.image)
+    if not 1 <= stride <= patch:
+        _fail("model.image.patch_stride", stride, f"must be in [1, {patch}] (the patch size)",
+              "pass a smaller stride for overlapping patches, or 0 for patches side by side")
+    if stride == patch and size % patch:
+        _fail("data.image_size", size, f"is not a multiple of config.model.image.patch_size={patch}",
+              f"use a multiple of {patch}")
+    if size < patch or (size - patch) % stride:
+        _fail("data.image_size", size, f"is not covered by {patch}-pixel patches {stride} pixels apart "
+              "(config.model.image.patch_size / patch_stride)", f"use {patch} + a multiple of {stride}")
+    total = math.prod(patch_grid((size, size), patch, stride))
+    if data.keep_patches:
+        _integer(root, "data.keep_patches", 0)
+        if data.keep_patches > total:
+            _fail("data.keep_patches", data.keep_patches, f"exceeds the {total} patches of an image",
+                  f"pass 0 (use data.keep_ratio) or at most {total}")
+    _real(root, "data.keep_ratio", 0.0, 1.0, low_open=True, high_open=False)
+
+
 def _check_model(root: ml_collections.ConfigDict) -> None:
     model = root.model
     for setting in ("dtype", "param_dtype"):
         if model[setting] not in DTYPES:
             _fail(f"model.{setting}", model[setting], "is not a supported dtype", f"choose one of {sorted(DTYPES)}")
     head = lookup(IMAGE_POOLS, model.image_pool, "model.image_pool")
-    if head.needs_cls and not model.image.get("use_cls_token", VisionTransformer.use_cls_token):
+    if head.needs_cls and is_cnn(model.image):
+        _fail("model.image_pool", model.image_pool, f"reads the CLS token, which config.model.image.tower="
+              f"{model.image.tower!r} has none of", "choose a head without it, e.g. 'max' or 'avg'")
+    if head.needs_cls and not has_cls(model.image):
         _fail("model.image_pool", model.image_pool, "reads the CLS token, which config.model.image.use_cls_token="
               "False removes", "set config.model.image.use_cls_token=True or choose a head without it")
     lookup(TEXT_POOLS, model.text_pool, "model.text_pool")
     image = model.image
-    for setting in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):
-        _integer(root, f"model.image.{setting}", 1)
-    if image.width % image.num_heads:
-        _fail("model.image.num_heads", image.num_heads, f"does not divide config.model.image.width={image.width}",
-              "choose a number of heads that divides the width")
+    if not is_cnn(image):
+        for setting in ("patch_size", "width", "depth", "num_heads", "mlp_dim"):
+            _integer(root, f"model.image.{setting}", 1)
+        if image.width % image.num_heads:
+            _fail("model.image.num_heads", image.num_heads, f"does not divide config.model.image.width={image.width}",
+                  "choose a number of heads that divides the width")
     for setting in ("embed_dim", "depth", "num_heads", "head_dim", "mlp_dim"):
         _integer(root, f"model.text.{setting}", 1)
     _integer(root, "model.text.vocab_size", 0, "pass 0 (the tokenizer's size) or the embedding table's size")
     _integer(root, "model.embed_dim", 1)
     _real(root, "model.temperature_init", 0.0, low_open=True)
-    for tower, module in (("image", VisionTransformer), ("text", T5Encoder)):  # its defaults where the config is silent
+    towers = (("text", T5Encoder),) if is_cnn(image) else (("image", VisionTransformer), ("text", T5Encoder))
+    for tower, module in towers:  # its defaults where the config is silent
         remat, attention = model[tower].get("remat", module.remat), model[tower].get("attention", module.attention)
         if remat != "none" and remat not in REMAT_POLICIES:
             _fail(f"model.{tower}.remat", remat, "is not a remat policy",
@@ -158,6 +186,32 @@ def _check_model(root: ml_collections.ConfigDict) -> None:
     grid = image.get("posemb_grid")
     if grid is not None and (len(grid) != 2 or min(grid) < 1):
         _fail("model.image.posemb_grid", tuple(grid), "is not two positive sizes", "pass (rows, columns)")
+
+
+def _check_image_tower(root: ml_collections.ConfigDict) -> None:
+    """The tower of `model.image` (before its preset is expanded) and, for a CNN, its settings by name."""
+    image = root.model.image
+    tower = image.get("tower", "vit")
+    if tower not in IMAGE_TOWERS:
+        _fail("model.image.tower", tower, "is not an image tower", f"choose one of {IMAGE_TOWERS}")
+    if tower == "vit":
+        return
+    accepted = {f.name for f in dataclasses.fields(EfficientNet)} - {"parent", "name", "dtype", "param_dtype"}
+    accepted |= {"tower", "preset"}
+    for key in image:
+        if key not in accepted:
+            _fail(f"model.image.{key}", image[key], f"is not a setting of config.model.image.tower={tower!r}, which "
+                  "takes whole images (no patches, position embeddings or CLS token)",
+                  f"remove it; the CNN's settings are {sorted(accepted)}")
+    if "preset" in image and image.preset not in EFFICIENTNET_PRESETS:
+        _fail("model.image.preset", image.preset, "is not an EfficientNet preset",
+              f"choose one of {sorted(EFFICIENTNET_PRESETS)}")
+    if image.get("padding", EfficientNet.padding) not in PADDINGS:
+        _fail("model.image.padding", image.padding, "is not a padding", f"choose one of {PADDINGS}")
+    if "drop_path_rate" in image:
+        _real(root, "model.image.drop_path_rate", 0.0, 1.0)
+    if not isinstance(image.get("frozen_batch_stats", False), bool):
+        _fail("model.image.frozen_batch_stats", image.frozen_batch_stats, "is not a boolean", "pass True or False")
 
 
 def _check_optim(root: ml_collections.ConfigDict) -> None:
@@ -240,6 +294,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     the data, tokenizer and initialisation paths (for `clippy_jax.plan`, which reads none of them)."""
     root = ml_collections.ConfigDict(config.to_dict())  # with the model presets expanded
     try:
+        _check_image_tower(root)
         root.model.image, root.model.text = tower_kwargs(config.model.image, config.model.text)
         _integer(root, "seed", 0)
         _check_data(root, paths)

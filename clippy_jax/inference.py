@@ -46,7 +46,7 @@ from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import geometry, grouping, loading, zero_shot
 from clippy_jax.evaluate.geometry import CLIP_MEAN, CLIP_STD
 from clippy_jax.evaluate.render import classification_figure, labelled_overlay, palette
-from clippy_jax.models import vit
+from clippy_jax.models import as_variables, towers
 
 CONVERTED_IMAGE_SIZE = 448  # the released CLIPpy checkpoints' evaluation resolution (paper Sec. 4)
 MAX_ASPECT_RATIO = 8.0
@@ -172,17 +172,17 @@ def image_functions(model: nn.Module, device: jax.Device) -> tuple[Callable, Cal
 
 
 class Clippy:
-    """A model with its parameters, tokenizer and image settings; see the module docstring. `device`: where the
-    image tower runs (default: the first device)."""
+    """A model with its parameters (or variables: `models.as_variables`), tokenizer and image settings; see the
+    module docstring. `device`: where the image tower runs (default: the first device)."""
 
     def __init__(self, model: nn.Module, params, tokenizer: Tokenizer, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD, image_size: int = CONVERTED_IMAGE_SIZE, window: int = 0,
                  stride: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, device: jax.Device | None = None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.mean, self.std = tuple(mean), tuple(std)
-        self.patch_size, _ = vit.patch_geometry(model.image)
+        self.patch_size = towers.size_multiple(model.image)  # a ViT's patch size, a CNN's stride
         if image_size < self.patch_size:
-            raise ValueError(f"image_size={image_size} is below the patch size {self.patch_size}.")
+            raise ValueError(f"image_size={image_size} is below the patch size (or CNN stride) {self.patch_size}.")
         self.image_size, self.window, self.stride = image_size, window, stride or window * 2 // 3
         if window and not 0 < self.stride <= window <= image_size:
             raise ValueError(f"Sliding windows need 0 < stride <= window <= image_size, got stride={self.stride}, "
@@ -304,7 +304,8 @@ class Clippy:
             shape = bucketed_shape(image.shape, self.image_size, self.patch_size)
             pixels = geometry.normalize(geometry.resize_image(image, shape), self.mean, self.std)
             similarities = np.asarray(self._pooled(self.params, pixels[None], label_emb))[0]
-            probabilities = np.asarray(jax.nn.softmax(jnp.exp(self.params["logit_scale"]) * similarities))
+            logit_scale = as_variables(self.params)["params"]["logit_scale"]
+            probabilities = np.asarray(jax.nn.softmax(jnp.exp(logit_scale) * similarities))
             overlay = classification_figure(image, names, probabilities) if render else None
             results.append(Classification(probabilities, similarities, names, overlay))
         return results[0] if single else results

@@ -33,7 +33,7 @@ from clippy_jax import config_checks, platforms, sharding, targets
 from clippy_jax.data.preprocess import kept_patch_count
 from clippy_jax.models import TwoTower, build_model
 from clippy_jax.models.t5 import T5_VOCAB_SIZE
-from clippy_jax.models.vit import patch_geometry, patch_grid
+from clippy_jax.models.towers import feature_grid, patch_geometry
 from clippy_jax.train import perf
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import abstract_train_state, make_train_step
@@ -183,10 +183,13 @@ def per_device_bytes(tree) -> int:
 
 
 def batch_shapes(config: ml_collections.ConfigDict, model: TwoTower) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch the pipeline produces for `config` and its `model` (see `data/pipeline.py`)."""
+    """The global batch the pipeline produces for `config` and its `model` (see `data/pipeline.py`): whole
+    images for a CNN tower."""
     data, batch = config.data, config.train.batch_size
-    patch, stride = patch_geometry(model.image)
-    keep = kept_patch_count(data.image_size, patch, data.keep_ratio, data.keep_patches, stride)
+    geometry, keep = patch_geometry(model.image), None
+    if geometry is not None:
+        patch, stride = geometry
+        keep = kept_patch_count(data.image_size, patch, data.keep_ratio, data.keep_patches, stride)
     shapes = dict(tokens=jax.ShapeDtypeStruct((batch, data.max_text_length), jnp.int32))
     if keep is None:
         shapes["image"] = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), jnp.float32)
@@ -202,7 +205,7 @@ def _abstract_step(config: ml_collections.ConfigDict, devices: Sequence[jax.Devi
     model = build_model(config.model, vocab)
     mesh = sharding.make_mesh(config.mesh, devices)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    grid = patch_grid((config.data.image_size,) * 2, *patch_geometry(model.image))
+    grid = feature_grid(model.image, (config.data.image_size,) * 2)
     example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch_shapes(config, model).items()}
     state, state_shardings, _ = abstract_train_state(model, tx, example, mesh, config.seed, grid)
     step = make_train_step(model, tx, schedule, state_shardings, mesh, config.train.max_logit_scale, grid,
@@ -255,7 +258,7 @@ def make_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
         devices=mesh.size,
         mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
         global_batch=config.train.batch_size,
-        params=per_device_bytes(state.params),
+        params=per_device_bytes((state.params, state.batch_stats)),  # with a CNN's BatchNorm statistics
         opt_state=per_device_bytes(state.opt_state),
         grads=per_device_bytes(state.params),  # the gradients have the parameters' shapes and shardings
         batch=per_device_bytes(batch),

@@ -1,8 +1,8 @@
 """Device mesh and t5x-style logical-to-mesh axis rules.
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters and optimiser
-state sharded along `embed`), `model` (tensor parallelism over `mlp`, `heads` and `vocab`).
-The batch is sharded over (`data`, `fsdp`).
+state sharded along `embed`, and a CNN's along its output channels `conv_out`), `model` (tensor
+parallelism over `mlp`, `heads` and `vocab`). The batch is sharded over (`data`, `fsdp`).
 """
 
 import contextlib
@@ -29,6 +29,15 @@ LOGICAL_AXIS_RULES: Sequence[tuple[str, str | tuple[str, ...] | None]] = (
     ("length", None),
     ("joint_embed", None),
     ("relpos_buckets", None),
+    # The CNN tower (models/efficientnet.py): kernels [conv_height, conv_width, conv_in, conv_out] and BatchNorm
+    # [conv_out] over fsdp (channels are multiples of 8); the squeeze-and-excitation bottleneck stays whole.
+    ("conv_out", "fsdp"),
+    ("conv_in", None),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_squeeze", None),
+    ("height", None),
+    ("width", None),
 )
 
 

@@ -3,7 +3,10 @@
 Config string arguments select variants: `configs/demo.py:pool=avg` (max | avg | cls),
 `configs/demo.py:stride=4` (overlapping 8x8 patches 4 pixels apart, a 15x15 grid, of which the 64
 tokens of the default 8x8 grid are sub-sampled per image during training: paper appendix E),
-`configs/demo.py:pool=max,size=tiny` (the tiny size is for tests).
+`configs/demo.py:pool=max,size=tiny` (the tiny size is for tests), `configs/demo.py:tower=efficientnet`
+(the paper's CNN baseline, appendix F, Tab. 3, scaled down: a narrow, shallow EfficientNet on whole
+images, its last feature map stride 32; pool=max is the paper's "maximum pooling at the top layer",
+pool=avg ALIGN's global average).
 """
 
 import math
@@ -15,10 +18,16 @@ SIZES = {
     "demo": (128, 4, 4, 512, 128, 2, 4, 512, 2000, 64, 24000),
     "tiny": (32, 1, 2, 64, 32, 1, 2, 64, 6, 16, 256),
 }
+# size: (EfficientNet width multiplier, depth multiplier, image size) of the CNN variant (tower=efficientnet)
+CNN_SIZES = {
+    "demo": (0.5, 0.5, 128),
+    "tiny": (0.25, 0.25, 64),
+}
+TOWERS = ("vit", "efficientnet")
 
 
 def _parse(arg: str) -> dict[str, str]:
-    options = dict(pool="max", size="demo", stride="8")
+    options = dict(pool="max", size="demo", stride="8", tower="vit")
     for item in filter(None, arg.split(",")):
         key, _, value = item.partition("=")
         if key not in options:
@@ -28,6 +37,11 @@ def _parse(arg: str) -> dict[str, str]:
         raise ValueError(f"Unknown size={options['size']!r}; choose from {sorted(SIZES)}.")
     if not options["stride"].isdigit():
         raise ValueError(f"stride={options['stride']!r} must be a positive integer (pixels between patches).")
+    if options["tower"] not in TOWERS:
+        raise ValueError(f"Unknown tower={options['tower']!r}; choose from {TOWERS}.")
+    if options["tower"] != "vit" and options["stride"] != "8":
+        raise ValueError(f"stride={options['stride']} sets the ViT's patches; tower={options['tower']} takes whole "
+                         "images: leave stride out.")
     return options
 
 
@@ -36,6 +50,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     vit_width, vit_depth, vit_heads, vit_mlp, t5_width, t5_depth, t5_heads, t5_mlp, steps, batch, examples = SIZES[
         options["size"]]
     patch, stride = 8, int(options["stride"])
+    cnn = options["tower"] == "efficientnet"
+    cnn_width, cnn_depth, cnn_image_size = CNN_SIZES[options["size"]]
     config = ml_collections.ConfigDict()
     config.seed = 0
 
@@ -50,7 +66,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         tfds_data_dir="",
         tfds_split="train",
         crop="random",  # random | center crop of the longer side
-        image_size=64,  # cut into the patches of config.model.image (patch_size, patch_stride)
+        # cut into the patches of config.model.image (patch_size, patch_stride); the CNN's 64 px scenes are
+        # upsampled to 128 px at the demo size, a 4x4 feature map at stride 32
+        image_size=cnn_image_size if cnn else 64,
         keep_ratio=1.0,  # the demo keeps every patch; the paper drops 80% at 2x resolution
         # stride < patch: keep the sequence length of the non-overlapping grid (paper appendix E)
         keep_patches=0 if stride == patch else (64 // patch) ** 2,
@@ -75,6 +93,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     config.model = dict(
         image=dict(
+            tower="efficientnet",
+            width_multiplier=cnn_width, depth_multiplier=cnn_depth,  # B0's channels and repeats scaled
+            padding="same",  # TensorFlow's SAME, as ALIGN's EfficientNet (timm tf_efficientnet_b*)
+            drop_path_rate=0.0,
+            frozen_batch_stats=False,  # BatchNorm statistics of each global batch, running averages in evaluation
+        ) if cnn else dict(  # no `tower`: the ViT (as in workdirs recorded before the CNN tower)
             patch_size=patch, patch_stride=stride, width=vit_width, depth=vit_depth, num_heads=vit_heads,
             mlp_dim=vit_mlp, posemb_grid=(8, 8), use_cls_token=True,
             remat="none",  # or a policy ("dots", "full") that trades recomputation for memory

@@ -9,5 +9,6 @@ _spec.loader.exec_module(paper)
 
 
 def get_config(arg: str = ""):
-    """`arg`: "pod=NAME", a launch plan of `paper.PODS` (mesh and remat for that pod), e.g. hqitp.py:pod=v4-64."""
-    return paper.paper_config(num_examples=134_000_000, epochs=10, pod=paper.parse_arg(arg)["pod"])  # appendix C and E
+    """`arg`: "pod=NAME", a launch plan of `paper.PODS` (mesh and remat for that pod), and/or "tower=efficientnet"
+    (the CNN baseline of appendix F, Tab. 3), e.g. hqitp.py:pod=v4-64."""
+    return paper.paper_config(num_examples=134_000_000, epochs=10, **paper.parse_arg(arg))  # appendix C and E

@@ -4,6 +4,11 @@ Dataset paths are required: pass them as overrides, e.g.
   --config.data.train_pattern='gs://bucket/cc12m/*.tfrecord' --config.data.tokenizer_path=.../t5.model
   --config.init.image=DIR_OF_CONVERTED_DINO --config.init.text=DIR_OF_CONVERTED_T5
 (`--config.init.image=random` / `--config.init.text=random` for the random-init ablations of Tab. 9).
+
+`tower=efficientnet` (e.g. `configs/cc12m.py:tower=efficientnet`) is the paper's CNN baseline (appendix F,
+Tab. 3): ALIGN's EfficientNet-B5 image tower on whole images with maximum pooling at its top layer, with
+the same text tower, optimiser and batch; `--config.model.image_pool=avg` is ALIGN's global average, and
+`--config.init.image` a timm B5 converted by `python -m clippy_jax.convert --from=timm_efficientnet`.
 """
 
 import math
@@ -29,8 +34,8 @@ PODS = {
 
 
 def parse_arg(arg: str) -> dict[str, str]:
-    """`pod=NAME` of a config string ("" for none)."""
-    options = dict(pod="")
+    """`pod=NAME` and `tower=vit|efficientnet` of a config string ("" and "vit" for none)."""
+    options = dict(pod="", tower="vit")
     for item in filter(None, arg.split(",")):
         key, _, value = item.partition("=")
         if key not in options:
@@ -38,11 +43,15 @@ def parse_arg(arg: str) -> dict[str, str]:
         options[key] = value
     if options["pod"] and options["pod"] not in PODS:
         raise ValueError(f"Unknown pod={options['pod']!r}; choose from {sorted(PODS)}.")
+    if options["tower"] not in ("vit", "efficientnet"):
+        raise ValueError(f"Unknown tower={options['tower']!r}; choose 'vit' or 'efficientnet'.")
     return options
 
 
-def paper_config(num_examples: int, epochs: int, batch_size: int = 4096, pod: str = "") -> ml_collections.ConfigDict:
-    """The recipe for a dataset of `num_examples` pairs trained for `epochs` epochs; `pod`: a launch plan of PODS."""
+def paper_config(num_examples: int, epochs: int, batch_size: int = 4096, pod: str = "",
+                 tower: str = "vit") -> ml_collections.ConfigDict:
+    """The recipe for a dataset of `num_examples` pairs trained for `epochs` epochs; `pod`: a launch plan of PODS
+    (for the ViT; its mesh for the CNN); `tower`: 'vit' (CLIPpy) or 'efficientnet' (appendix F, Tab. 3)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     steps = math.ceil(num_examples * epochs / batch_size)
@@ -121,9 +130,22 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096, pod: st
         profile_first_step=10,
     )
     config.mesh = dict(data=-1, fsdp=1, model=1)
+    if tower == "efficientnet":  # the CNN baseline of appendix F, Tab. 3
+        config.data.image_size = 456  # EfficientNet-B5's resolution (timm, EfficientNet paper); appendix D: 224
+        config.data.keep_ratio = 1.0  # a CNN takes whole images: no patch dropping
+        config.model.image = dict(
+            tower="efficientnet",
+            preset="b5",  # ALIGN's EfficientNet-B5 (appendix D.1, F)
+            padding="same",  # TensorFlow's SAME, as ALIGN (timm tf_efficientnet_b5); "pytorch" for efficientnet_b5
+            drop_path_rate=0.2,  # EfficientNet's and timm's stochastic depth rate (not stated in the paper)
+            frozen_batch_stats=False,  # BatchNorm statistics of each global batch (not stated in the paper)
+        )
+        config.model.image_pool = "max"  # "maximum pooling at the top layer" (appendix F)
     if pod:
         config.mesh = PODS[pod]["mesh"]
-        config.model.image.remat = config.model.text.remat = PODS[pod]["remat"]
+        config.model.text.remat = PODS[pod]["remat"]
+        if tower == "vit":
+            config.model.image.remat = PODS[pod]["remat"]
     # manual_dir / tfds_dir: where evaluators of datasets find them (clippy_jax/data/eval_datasets/README.md)
     config.eval = dict(evaluators=(), every_steps=10_000, batch_size=256, num_overlays=8, max_examples=0,
                        progress=True, manual_dir="", tfds_dir=os.path.expanduser("~/tensorflow_datasets"))

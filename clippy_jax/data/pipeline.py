@@ -248,15 +248,19 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     *,
-    patch_geometry: tuple[int, int],
+    patch_geometry: tuple[int, int] | None,
 ) -> tf.data.Dataset:
     """Endless batches {image [B, S, S, 3] | patches [B, K, p * p * 3], patch_indices [B, K]; tokens [B, L]}
-    of one process; `InputIterator` also reports their skip counters. `patch_geometry`: the model's
-    (patch size, stride) (`clippy_jax.models.patch_geometry`), for patch dropping."""
+    of one process; `InputIterator` also reports their skip counters. `patch_geometry`: the ViT's
+    (patch size, stride) (`clippy_jax.models.towers.patch_geometry`), for patch dropping; None for a
+    CNN, which takes whole images."""
     if config.crop not in CROPS:
         raise ValueError(f"config.data.crop={config.crop!r} must be one of {CROPS}.")
-    patch_size, stride = patch_geometry
-    keep = preprocess.kept_patch_count(config.image_size, patch_size, config.keep_ratio, config.keep_patches, stride)
+    keep = None
+    if patch_geometry is not None:
+        patch_size, stride = patch_geometry
+        keep = preprocess.kept_patch_count(config.image_size, patch_size, config.keep_ratio, config.keep_patches,
+                                           stride)
     base_seed = tf.constant([seed, process_index], tf.int64)
 
     def prepare(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:

@@ -2,8 +2,9 @@
 
 * Training checkpoints (`clippy_jax.checkpoints` describes the layout): `init_from` is a training
   workdir (its newest step is used), its `checkpoints/` folder or one step folder. Only the `params`
-  of the saved TrainState are read (orbax partial restore). Each step records the resolved config
-  that trained it, and the workdir keeps the tokenizer, so nothing else is needed; `model_config` (a
+  and `batch_stats` (a CNN's BatchNorm statistics) of the saved TrainState are read (orbax partial
+  restore), as the variables dict `Loaded.params` (`models.as_variables`). Each step records the
+  resolved config that trained it, and the workdir keeps the tokenizer, so nothing else is needed; `model_config` (a
   config file, e.g. `configs/demo.py:size=tiny`) replaces the recorded config, and is needed for steps
   written before configs were recorded. The config's `model` section builds the model and its `data`
   section gives the text length, the image mean / std / size and the demo's evaluation split.
@@ -30,7 +31,7 @@ from clippy_jax.models import build_model
 @dataclasses.dataclass
 class Loaded:
     model: nn.Module
-    params: dict
+    params: dict  # variables {'params', 'batch_stats'} of a training checkpoint, params of a converted one
     tokenizer: Tokenizer
     data_config: ml_collections.ConfigDict  # mean, std, tokenizer_path, max_text_length (+ the demo's eval split)
     model_config: ml_collections.ConfigDict
@@ -77,7 +78,7 @@ def load(config: ml_collections.ConfigDict) -> Loaded:
         if tf.io.gfile.exists(copy):
             data.tokenizer_path = copy
         model_config = train_config.model
-        params = checkpoints.restore_params(step_dir)
+        params = checkpoints.restore_variables(step_dir)
         step = int(os.path.basename(step_dir.rstrip("/")))
     else:
         from clippy_jax.convert import load_pretrained  # noqa: PLC0415 (the converters' heavy imports)

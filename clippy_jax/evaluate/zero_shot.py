@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.models import vit
+from clippy_jax.models import as_variables, towers
 from clippy_jax.models.pooling import IMAGE_POOLS
 from clippy_jax.models.two_tower import l2_normalize, pair_similarity
 
@@ -51,8 +51,9 @@ def read_templates(name: str) -> tuple[str, ...]:
 
 
 def patch_grid(model: nn.Module, image_shape: Sequence[int]) -> tuple[int, int]:
-    """(gh, gw) of the model's patch grid (its patch size and stride) on an (H, W) image."""
-    return vit.patch_grid(image_shape, *vit.patch_geometry(model.image))
+    """(gh, gw) of the model's per-location features on an (H, W) image: the ViT's patch grid (its patch size
+    and stride), or a CNN's last feature map (`towers.feature_grid`)."""
+    return towers.feature_grid(model.image, image_shape)
 
 
 def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence[str],
@@ -63,7 +64,7 @@ def encode_texts(model: nn.Module, params, tokenizer: Tokenizer, texts: Sequence
     choices for a prompt count, nothing is compiled per count, and the matmuls dominate anyway."""
     tokens = tokenizer.encode(list(texts))  # [T, L]
     chunks = [
-        model.apply({"params": params}, tokens[start:start + batch_size], method=model.encode_text)
+        model.apply(as_variables(params), tokens[start:start + batch_size], method=model.encode_text)
         for start in range(0, len(tokens), batch_size)
     ]
     return jnp.concatenate(chunks)
@@ -90,14 +91,16 @@ def label_embeddings(
 def encode_image(
     model: nn.Module, params, images: jax.Array, label_emb: jax.Array | None = None
 ) -> tuple[jax.Array | None, jax.Array]:
-    """(image-level logits [B, C] against unit label embeddings [C, E], or None without them; unit
+    """`params`: the parameters, or the variables with a CNN's BatchNorm statistics (`models.as_variables`).
+
+    Returns (image-level logits [B, C] against unit label embeddings [C, E], or None without them; unit
     per-location embeddings [B, gh, gw, E] on the model's patch grid) of normalised images [B, H, W, 3].
     Text-conditioned heads pool once per label (per-location embeddings do not depend on the labels)."""
     conditioning = None
     if IMAGE_POOLS[model.image_pool].text_conditioned:
         conditioning = jnp.zeros((1, model.embed_dim), jnp.float32) if label_emb is None else label_emb
     pooled, dense = model.apply(
-        {"params": params}, images, dense=True, text_emb=conditioning, method=model.encode_image
+        as_variables(params), images, dense=True, text_emb=conditioning, method=model.encode_image
     )
     dense = dense.reshape(dense.shape[0], *patch_grid(model, images.shape[1:3]), dense.shape[-1])
     return (None if label_emb is None else pair_similarity(pooled, label_emb)), dense

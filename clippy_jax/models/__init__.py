@@ -1,4 +1,4 @@
-"""Flax modules: the ViT image tower, the T5 text tower, pooling heads and the two-tower model."""
+"""Flax modules: the image towers (ViT, EfficientNet), the T5 text tower, pooling heads and the two-tower model."""
 
 from collections.abc import Mapping
 
@@ -6,21 +6,26 @@ import jax.numpy as jnp
 import ml_collections
 
 from clippy_jax.models.t5 import t5_config
+from clippy_jax.models.towers import expand_image
 from clippy_jax.models.two_tower import TwoTower
-from clippy_jax.models.vit import vit_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def tower_kwargs(image: Mapping, text: Mapping) -> tuple[dict, dict]:
-    """Expands presets: `image.variant` ('B/16', ...) and `text.size` ('base', ...) with
-    `text.variant` ('t5_1_0' or 't5_1_1'); keys given explicitly override the preset's."""
-    image, text = dict(image), dict(text)
-    if "variant" in image:
-        image = {**vit_config(image.pop("variant")), **image}
+    """Expands presets: `image.variant` ('B/16', ...) or `image.preset` ('b5', ... for
+    `image.tower='efficientnet'`) and `text.size` ('base', ...) with `text.variant` ('t5_1_0' or
+    't5_1_1'); keys given explicitly override the preset's."""
+    image, text = expand_image(image), dict(text)
     if "size" in text:
         text = {**t5_config(text.pop("size"), text.pop("variant", "t5_1_1")), **text}
     return image, text
+
+
+def as_variables(weights: Mapping) -> Mapping:
+    """The Flax variables of what evaluation receives: a variables dict ({'params': ..., 'batch_stats': ...},
+    e.g. `TrainState.variables`, a CNN's BatchNorm running statistics with it), or the parameters alone."""
+    return weights if "params" in weights else {"params": weights}
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> TwoTower:

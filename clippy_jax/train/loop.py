@@ -17,12 +17,12 @@ from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from clippy_jax import checkpoints, config_checks, deadlines, sharding
-from clippy_jax.convert import load_pretrained, merge_pretrained
+from clippy_jax.convert import load_pretrained, load_pretrained_batch_stats, merge_pretrained
 from clippy_jax.data import demo_data, pipeline, sources
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import runner
 from clippy_jax.models import build_model
-from clippy_jax.models.vit import patch_geometry, patch_grid
+from clippy_jax.models.towers import feature_grid, patch_geometry
 from clippy_jax.train import perf
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import batch_spec, create_train_state, make_train_step
@@ -88,6 +88,19 @@ def initialize_from_pretrained(params: dict, init: ml_collections.ConfigDict) ->
         params = merge_pretrained(params, subtree, strict=init.strict)
         logging.info("Initialised the %s tower from %s.", tower, source)
     return params
+
+
+def initialize_batch_stats_from_pretrained(batch_stats: dict, init: ml_collections.ConfigDict) -> dict:
+    """Puts the BatchNorm statistics of converted checkpoints (their `batch_stats/`, a converted EfficientNet's)
+    into freshly initialised ones, for the towers `init.image` / `init.text` name, as `initialize_from_pretrained`."""
+    for tower in ("image", "text"):
+        source = init[tower]
+        statistics = {} if source == "random" else load_pretrained_batch_stats(source)
+        subtree = {k: v for k, v in statistics.items() if k.startswith(f"{tower}_")}
+        if subtree:
+            batch_stats = merge_pretrained(batch_stats, subtree, strict=init.strict)
+            logging.info("Initialised the %s tower's BatchNorm statistics from %s.", tower, source)
+    return batch_stats
 
 
 def _check_finite(fetched: list[dict], first_step: int) -> None:
@@ -184,8 +197,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     model = build_model(config.model, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
     tx, schedule = make_optimizer(config.optim, total_steps)
-    geometry = patch_geometry(model.image)
-    grid_shape = patch_grid((config.data.image_size,) * 2, *geometry)
+    geometry = patch_geometry(model.image)  # None for a CNN: whole images
+    grid_shape = feature_grid(model.image, (config.data.image_size,) * 2)
 
     local_batch_size = config.train.batch_size // jax.process_count()
     dataset = pipeline.train_dataset(data_config, tokenizer, local_batch_size, config.seed, jax.process_index(),
@@ -203,7 +216,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
     if restored is not None:
         state = restored
     else:
-        state = state.replace(params=initialize_from_pretrained(state.params, config.init))
+        state = state.replace(params=initialize_from_pretrained(state.params, config.init),
+                              batch_stats=initialize_batch_stats_from_pretrained(state.batch_stats, config.init))
     start_step = int(state.step)
     if start_step >= total_steps:
         logging.info("All %d steps are trained: evaluating the checkpoint of step %d again.", total_steps, start_step)
@@ -244,7 +258,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         raise TrainingStopped(f"Stopped at step {step} after a termination signal; the checkpoint of step "
                               f"{max(checkpointer.steps(), default=0)} is complete, rerun to resume.")
     checkpointer.close()
-    results = evaluator(state.params, total_steps)
+    results = evaluator(state.variables, total_steps)
     writer.flush()
     _log_where(workdir, total_steps)
     return results
@@ -289,7 +303,7 @@ def _train_loop(config, resolved, state, compiled_step, iterator, checkpointer, 
             if stop:
                 return state, step
             if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
-                evaluate(state.params, step)
+                evaluate(state.variables, step)
     return state, step
 
 

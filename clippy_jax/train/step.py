@@ -14,10 +14,20 @@ from clippy_jax.train.loss import blocked_contrastive_loss, contrastive_loss
 
 
 class TrainState(flax.struct.PyTreeNode):
+    """`batch_stats`: the BatchNorm running statistics of a CNN image tower ({} for models without BatchNorm),
+    updated by every train step from the global batch's statistics and used in evaluation."""
+
     step: jax.Array
     params: dict
     opt_state: optax.OptState
     rng: jax.Array
+    batch_stats: dict = flax.struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict:
+        """The Flax variables to evaluate: {'params': ..., 'batch_stats': ...}."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 def abstract_train_state(
     model: nn.Module,
@@ -30,16 +40,18 @@ def abstract_train_state(
     """The train state's shapes with their shardings (nothing is allocated).
 
     Returns (abstract state of `jax.ShapeDtypeStruct`s, state shardings, init function of the rng);
-    parameters and optimiser state follow the logical axis rules.
+    parameters, optimiser state and BatchNorm statistics follow the logical axis rules.
     """
 
-    def init_params(rng: jax.Array):
+    def init_variables(rng: jax.Array) -> tuple[dict, dict]:
         batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in example_batch.items()}
-        return model.init(rng, batch, grid_shape)["params"]
+        variables = model.init(rng, batch, grid_shape)
+        return variables["params"], variables.get("batch_stats", {})
 
     rng = jax.random.key(seed)
-    abstract_params = jax.eval_shape(init_params, rng)
+    abstract_params, abstract_batch_stats = jax.eval_shape(init_variables, rng)
     param_shardings = sharding.logical_shardings(nn.get_partition_spec(abstract_params), mesh)
+    batch_stats_shardings = sharding.logical_shardings(nn.get_partition_spec(abstract_batch_stats), mesh)
     abstract_opt_state = jax.eval_shape(tx.init, nn.unbox(abstract_params))
     opt_shardings = optax.tree_map_params(
         tx,
@@ -50,13 +62,15 @@ def abstract_train_state(
         is_leaf=lambda x: isinstance(x, jax.sharding.Sharding),
     )
     state_shardings = TrainState(
-        step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings, rng=sharding.replicated(mesh)
+        step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings, rng=sharding.replicated(mesh),
+        batch_stats=batch_stats_shardings,
     )
 
     def init_state(rng: jax.Array) -> TrainState:
         params_rng, state_rng = jax.random.split(rng)
-        params = nn.unbox(init_params(params_rng))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+        params, batch_stats = nn.unbox(init_variables(params_rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng,
+                          batch_stats=batch_stats)
 
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   jax.eval_shape(init_state, rng), state_shardings)
@@ -96,6 +110,11 @@ def make_train_step(
     With `loss_block_size` > 0 the similarity matrix is computed in column blocks per device
     (`blocked_contrastive_loss`), for global batches whose [B, B] matrix would not fit.
 
+    The model runs in training mode: a CNN tower's BatchNorm normalises with the statistics of the global
+    batch (under `jit` its means over the batch-sharded axis are global reductions, so every device sees
+    the same statistics as one device would) and the step returns its updated running statistics; drop
+    path draws from the state's rng folded with the step.
+
     `metrics["nonfinite"]` is 1 when the loss, the gradients or the updated parameters hold a NaN or
     Inf; with `skip_nonfinite` such an update is not applied (the step counter still advances).
     """
@@ -103,20 +122,26 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
             with sharding.bind_mesh(mesh):
-                out = model.apply({"params": params}, batch, grid_shape)
+                out, updated = model.apply({"params": params, "batch_stats": state.batch_stats}, batch, grid_shape,
+                                           train=True, mutable=["batch_stats"],
+                                           rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
             if loss_block_size:
-                return blocked_contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
-                                                max_logit_scale, mesh, sharding.BATCH_AXES, loss_block_size)
-            return contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"], max_logit_scale)
+                loss, metrics = blocked_contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
+                                                         max_logit_scale, mesh, sharding.BATCH_AXES, loss_block_size)
+            else:
+                loss, metrics = contrastive_loss(out["image_emb"], out["text_emb"], out["logit_scale"],
+                                                 max_logit_scale)
+            return loss, (metrics, updated.get("batch_stats", {}))
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
         if skip_nonfinite:
-            params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+            params, opt_state, batch_stats = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old), (params, opt_state, batch_stats),
+                (state.params, state.opt_state, state.batch_stats)
             )
         metrics = dict(
             metrics,
@@ -125,7 +150,7 @@ def make_train_step(
             learning_rate=schedule(state.step),
             nonfinite=1.0 - finite.astype(jnp.float32),
         )
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats)
         return new_state, metrics
 
     return platforms.jit(
