@@ -33,7 +33,7 @@ from clippy_jax import config_checks, platforms, sharding, targets
 from clippy_jax.data.preprocess import kept_patch_count
 from clippy_jax.models import TwoTower, build_model
 from clippy_jax.models.t5 import T5_VOCAB_SIZE
-from clippy_jax.models.towers import feature_grid, patch_geometry
+from clippy_jax.models.towers import feature_grid, is_cnn, patch_geometry
 from clippy_jax.train import perf
 from clippy_jax.train.optimizer import make_optimizer
 from clippy_jax.train.step import abstract_train_state, make_train_step
@@ -367,13 +367,14 @@ def advice(plan: dict, memory: float, config: ml_collections.ConfigDict) -> list
         changes.append(Change(f"shard the parameters, gradients and optimiser state over all {data * fsdp} "
                               f"data-parallel devices (state {state / GB:.2f} GB per device now, about "
                               f"{state / data / GB:.2f} GB then)", {"mesh.fsdp": data * fsdp, "mesh.data": 1}))
-    towers = [t for t in ("image", "text") if config.model[t].get("remat", "none") == "none"]
+    transformers = ("text",) if is_cnn(config.model.image) else ("image", "text")  # the towers with `remat`
+    towers = [t for t in transformers if config.model[t].get("remat", "none") == "none"]
     if towers:
         changes.append(Change("rematerialise the transformer blocks (keep the matmul outputs, recompute the rest)",
                               {f"model.{t}.remat": "dots" for t in towers}))
-    if config.model.image.get("remat") != "full" or config.model.text.get("remat") != "full":
+    if any(config.model[t].get("remat") != "full" for t in transformers):
         changes.append(Change("rematerialise everything but each block's input",
-                              {"model.image.remat": "full", "model.text.remat": "full"}))
+                              {f"model.{t}.remat": "full" for t in transformers}))
     if len(changes) > 1 and "mesh.fsdp" in changes[0].overrides:  # the batch kept: every lever at once
         combined = {k: v for change in changes for k, v in change.overrides.items()}
         changes.append(Change("both: shard the state and rematerialise everything (the batch kept)", combined))

@@ -82,6 +82,13 @@ def cpu_bf16_dots(platform: str) -> bool:
     return platform == "cpu"
 
 
+def depthwise_by_shifts(platform: str) -> bool:
+    """Whether depthwise convolutions (`efficientnet.DepthwiseConv`) run as k * k shifted multiply-adds: XLA:CPU's
+    grouped convolutions, and their gradients (grouped over the batch), compile and run several times slower
+    (the tiny EfficientNet's train step: BENCHMARKS.md); GPUs and TPUs have depthwise convolution kernels."""
+    return platform == "cpu"
+
+
 def orders_remat_by_data(platform: str) -> bool:
     """Whether a rematerialised block orders its backward pass by data dependencies
     (`layers.RematTransformerBlock`): XLA:CPU drops the optimisation barriers of `jax.checkpoint`."""

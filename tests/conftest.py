@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 
 TINY_RUN_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
                   "--config.eval.every_steps=4")
+# The CNN tower's tiny run: checkpoints every 2 steps, evaluated once at the end.
+CNN_CONFIG = "configs/demo.py:tower=efficientnet,size=tiny"
+CNN_RUN_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
+                 "--config.eval.every_steps=0")
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +29,17 @@ def tiny_run(tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp("tiny"))
     return workdir, run_main(workdir, *TINY_RUN_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn_run(tiny_run, tmp_path_factory):
+    """(workdir, completed process) of one tiny run of the EfficientNet tower (`CNN_CONFIG`, `CNN_RUN_FLAGS`) on
+    the demo data of `tiny_run` (the same synthetic settings)."""
+    from tests.helpers import run_main
+
+    workdir = tmp_path_factory.mktemp("tiny_cnn")
+    os.symlink(os.path.join(tiny_run[0], "data"), workdir / "data")
+    return str(workdir), run_main(str(workdir), *CNN_RUN_FLAGS, config=CNN_CONFIG)
 
 
 _EXIT_STATUS = {}

@@ -2,8 +2,10 @@
 
 import glob
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import tensorflow as tf
 
@@ -21,6 +23,19 @@ def run_main(workdir: str, *flags: str, config: str = "configs/demo.py:size=tiny
     if check and result.returncode:
         raise AssertionError(f"main failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def kill_after_checkpoint(workdir: str, step: int, *flags: str, config: str = "configs/demo.py:size=tiny") -> None:
+    """Starts the entry point and kills it (SIGKILL) as soon as the checkpoint of `step` appears."""
+    process = subprocess.Popen(main_command(workdir, *flags, config=config), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(workdir, "results.json")), "the run finished before it was killed"
 
 
 def read_scalars(workdir: str, tag: str) -> dict[int, float]:

@@ -3,15 +3,13 @@
 import json
 import os
 import re
-import signal
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
 from tests.conftest import TINY_RUN_FLAGS
-from tests.helpers import REPO, main_command, read_scalars, run_main
+from tests.helpers import kill_after_checkpoint, read_scalars, run_main
 
 
 def test_tiny_run_leaves_checkpoint_events_and_results(tiny_run):
@@ -64,15 +62,7 @@ def test_resume_after_kill_follows_the_uninterrupted_run(tiny_run, tmp_path):
     workdir = str(tmp_path)
     # The first run shares the demo data of the reference run so that only training differs.
     os.symlink(os.path.join(tiny_run[0], "data"), os.path.join(workdir, "data"))
-    process = subprocess.Popen(main_command(workdir, *TINY_RUN_FLAGS), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not os.path.isdir(os.path.join(workdir, "checkpoints", "4")) and process.poll() is None:
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not os.path.exists(os.path.join(workdir, "results.json")), "the run finished before it was killed"
+    kill_after_checkpoint(workdir, 4, *TINY_RUN_FLAGS)
 
     result = run_main(workdir, *TINY_RUN_FLAGS)
     assert "Resuming training at step 4" in result.stderr or "Resuming training at step 8" in result.stderr

@@ -1,13 +1,16 @@
-"""Faults during training: NaN/Inf losses and termination signals."""
+"""Faults during training: NaN/Inf losses, termination signals, and kill -9 of a CNN run (BatchNorm statistics)."""
 
 import os
 import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 
-from tests.helpers import REPO, main_command, read_scalars, run_main
+from clippy_jax import checkpoints
+from tests.conftest import CNN_CONFIG, CNN_RUN_FLAGS
+from tests.helpers import REPO, kill_after_checkpoint, main_command, read_scalars, run_main
 
 EXPLODE = ("--config.optim.learning_rate=1e38", "--config.optim.warmup_steps=0", "--config.train.steps=6",
            "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=10")
@@ -48,3 +51,25 @@ def test_sigterm_saves_and_exits_75_then_resumes(tmp_path):
     result = run_main(workdir, f"--config.train.steps={stopped + 2}", "--config.train.log_every=1")
     assert f"Resuming training at step {stopped} " in result.stderr
     assert os.path.exists(tmp_path / "results.json")
+
+
+def test_cnn_run_resumed_after_kill_9_is_bit_identical_with_its_batchnorm_statistics(tiny_cnn_run, tmp_path):
+    """kill -9 of the EfficientNet tower's run after a checkpoint, then a rerun: losses, parameters and BatchNorm
+    running statistics equal those of the uninterrupted run bit for bit."""
+    reference = tiny_cnn_run[0]
+    workdir = str(tmp_path)
+    os.symlink(os.path.join(reference, "data"), os.path.join(workdir, "data"))
+    kill_after_checkpoint(workdir, 2, *CNN_RUN_FLAGS, config=CNN_CONFIG)
+
+    result = run_main(workdir, *CNN_RUN_FLAGS, config=CNN_CONFIG)
+    resumed_at = int(result.stderr.split("Resuming training at step ")[1].split()[0])
+    assert 2 <= resumed_at < 10
+    losses, expected = read_scalars(workdir, "train/loss"), read_scalars(reference, "train/loss")
+    np.testing.assert_array_equal([losses[s] for s in range(resumed_at + 1, 11)],
+                                  [expected[s] for s in range(resumed_at + 1, 11)])
+    final = checkpoints.restore_variables(checkpoints.step_dir(workdir, 10))
+    uninterrupted = checkpoints.restore_variables(checkpoints.step_dir(reference, 10))
+    statistics = final["batch_stats"]["image_tower"]["bn2"]["var"]
+    assert statistics.shape == (320,) and not np.allclose(statistics, 1.0)  # head BatchNorm, trained
+    jax.tree.map(np.testing.assert_array_equal, final, uninterrupted)
+    assert os.path.exists(os.path.join(workdir, "results.json"))

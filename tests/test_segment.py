@@ -127,3 +127,16 @@ def test_a_step_written_before_configs_were_recorded_loads_with_model_config(tin
         Clippy.load(str(old))
     clippy = Clippy.load(str(old), model_config=os.path.join(REPO, "configs/demo.py:size=tiny"))
     assert clippy.segment(np.zeros((48, 80, 3), np.uint8), ["zebra", "sand"]).labels.shape == (48, 80)
+
+
+def test_segment_command_on_a_cnn_workdir_writes_overlays_at_the_photos_resolution(tiny_cnn_run, tmp_path):
+    """The EfficientNet tower's stride-32 feature maps, upsampled to each photo's size."""
+    photos = {name: size for name, size in _photos(tmp_path).items() if name in ("hopper.jpg", "flower.webp")}
+    out = tmp_path / "out"
+    result = _segment(f"--checkpoint={tiny_cnn_run[0]}", *[f"--image={tmp_path / name}" for name in photos],
+                      f"--prompts={PROMPTS}", f"--output={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, (height, width) in photos.items():
+        stem = out / os.path.splitext(name)[0]
+        assert Image.open(f"{stem}_overlay.png").size == (width, height)
+        assert np.asarray(Image.open(f"{stem}_labels.png")).shape == (height, width)

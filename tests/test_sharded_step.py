@@ -18,12 +18,16 @@ from clippy_jax.train.step import batch_spec, create_train_state, make_train_ste
 from tests.helpers import REPO
 
 BATCH = 16
+# The smallest EfficientNet: one block per stage, B0's channels / 4 (configs/demo.py:tower=efficientnet,size=tiny).
+CNN = dict(tower="efficientnet", width_multiplier=0.25, depth_multiplier=0.25, padding="same", drop_path_rate=0.0,
+           frozen_batch_stats=False)
 
 
-def _configs(remat: str = "none"):
+def _configs(remat: str = "none", cnn: bool = False):
+    vit = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), use_cls_token=True,
+               remat=remat)
     model = ml_collections.ConfigDict(dict(
-        image=dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64, posemb_grid=(4, 4), use_cls_token=True,
-                   remat=remat),
+        image=CNN if cnn else vit,
         text=dict(vocab_size=64, embed_dim=32, depth=2, num_heads=2, head_dim=16, mlp_dim=64,
                   activations=("gelu_tanh", "linear"), remat=remat),
         image_pool="max", text_pool="mean", pool_temperature=0.1, project_image=True, project_text=True,
@@ -35,19 +39,20 @@ def _configs(remat: str = "none"):
     return model, optim
 
 
-def _batches(steps: int) -> list[dict[str, np.ndarray]]:
+def _batches(steps: int, size: int = 32) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(steps):
         tokens = rng.integers(3, 64, (BATCH, 12)).astype(np.int32)
         tokens[:, 8:] = 0
-        batches.append(dict(image=rng.normal(size=(BATCH, 32, 32, 3)).astype(np.float32), tokens=tokens))
+        batches.append(dict(image=rng.normal(size=(BATCH, size, size, 3)).astype(np.float32), tokens=tokens))
     return batches
 
 
-def _step(mesh_shape: tuple[int, int, int], local_batch: dict, loss_block_size: int = 0, remat: str = "none"):
+def _step(mesh_shape: tuple[int, int, int], local_batch: dict, loss_block_size: int = 0, remat: str = "none",
+          cnn: bool = False):
     """(jitted step, initial state, mesh) of the test model on the first devices of `mesh_shape`."""
-    model_config, optim_config = _configs(remat)
+    model_config, optim_config = _configs(remat, cnn)
     model = build_model(model_config)
     tx, schedule = make_optimizer(optim_config, total_steps=10)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
@@ -58,12 +63,14 @@ def _step(mesh_shape: tuple[int, int, int], local_batch: dict, loss_block_size: 
     return step_fn, state, mesh
 
 
-def train(mesh_shape: tuple[int, int, int], steps: int, loss_block_size: int = 0, remat: str = "none"):
-    """Runs `steps` steps on fixed batches; with several processes, each feeds its slice of the batch."""
+def train(mesh_shape: tuple[int, int, int], steps: int, loss_block_size: int = 0, remat: str = "none",
+          cnn: bool = False):
+    """Runs `steps` steps on fixed batches; with several processes, each feeds its slice of the batch. The CNN
+    sees 64x64 images: a 2x2 last feature map."""
     local = BATCH // jax.process_count()
     rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-    batches = [{k: v[rows] for k, v in batch.items()} for batch in _batches(steps)]
-    step_fn, state, mesh = _step(mesh_shape, batches[0], loss_block_size, remat)
+    batches = [{k: v[rows] for k, v in batch.items()} for batch in _batches(steps, 64 if cnn else 32)]
+    step_fn, state, mesh = _step(mesh_shape, batches[0], loss_block_size, remat, cnn)
     losses = []
     with jax.set_mesh(mesh):
         for batch in batches:
@@ -93,6 +100,23 @@ def test_meshes_match_one_device(single_device, mesh_shape, loss_block_size, rem
     kernel = state.params["text_tower"]["encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
     assert len(kernel.addressable_shards) == 8
+
+
+def test_cnn_tower_on_data_x_fsdp_matches_one_device():
+    """The EfficientNet tower's step on data=2 x fsdp=4 equals one device: losses, parameters and BatchNorm running
+    statistics. Its BatchNorm normalises with the statistics of the global batch (statistics of each device's two
+    examples would give other losses and statistics), and its kernels and statistics are sharded over fsdp."""
+    ref_losses, ref_state = train((1, 1, 1), steps=2, cnn=True)
+    losses, state = train((2, 4, 1), steps=2, cnn=True)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for got, want in ((state.params, ref_state.params), (state.batch_stats, ref_state.batch_stats)):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4), jax.device_get(got),
+                     jax.device_get(want))
+    head = state.batch_stats["image_tower"]["bn2"]
+    assert not np.allclose(jax.device_get(head["var"]), 1.0)  # the steps updated the running statistics
+    assert head["var"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
+    kernel = state.params["image_tower"]["conv_head"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "fsdp")
 
 
 def _lowered_step(mesh_shape: tuple[int, int, int], under_mesh: bool):

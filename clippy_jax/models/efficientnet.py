@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clippy_jax import platforms
 from clippy_jax.models.layers import Dtype
 
 # name: (width multiplier, depth multiplier, resolution), as in the EfficientNet paper and timm.
@@ -102,6 +103,36 @@ def conv_init(axes: tuple[str | None, ...] = CONV_AXES) -> nn.initializers.Initi
     in_axis, out_axis = (-1, -2) if axes == DEPTHWISE_AXES else (-2, -1)
     init = nn.initializers.variance_scaling(2.0, "fan_out", "normal", in_axis=in_axis, out_axis=out_axis)
     return nn.with_logical_partitioning(init, axes)
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise convolution without bias (timm's `conv_dw`), kernel [k, k, 1, C] under `kernel` as `nn.Conv`'s.
+    On the CPU (`platforms.depthwise_by_shifts`) it is the sum of k * k strided slices of the padded input
+    times the kernel's taps, which XLA:CPU compiles and runs faster than its grouped convolution."""
+
+    kernel_size: int
+    stride: int
+    padding: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, H, W, C] -> [B, H / stride, W / stride, C] (ceil)."""
+        k, s, channels = self.kernel_size, self.stride, x.shape[-1]
+        kernel = self.param("kernel", conv_init(DEPTHWISE_AXES), (k, k, 1, channels), self.param_dtype)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        padding = conv_padding(self.padding, k, s)
+        if not platforms.depthwise_by_shifts(platforms.current()):
+            return jax.lax.conv_general_dilated(x, kernel, (s, s), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                feature_group_count=channels)
+        if padding == "SAME":  # lax's: the output ceil(n / s), the odd pixel of padding at the end
+            padding = tuple((total // 2, total - total // 2)
+                            for total in (max((-(-n // s) - 1) * s + k - n, 0) for n in x.shape[1:3]))
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))  # [B, H', W', C]
+        out_h, out_w = ((n - k) // s + 1 for n in x.shape[1:3])
+        return sum(x[:, i:i + (out_h - 1) * s + 1:s, j:j + (out_w - 1) * s + 1:s] * kernel[i, j, 0]
+                   for i in range(k) for j in range(k))  # [B, out_h, out_w, C]
 
 
 class BatchNorm(nn.Module):
@@ -202,10 +233,7 @@ class MBConvBlock(nn.Module):
         y = x
         if inverted:
             y = norm(pointwise(y, make_divisible(in_features * self.expansion), "conv_pw"), "bn1")  # [B, H, W, E]
-        mid = y.shape[-1]
-        y = nn.Conv(mid, (self.kernel, self.kernel), strides=self.stride, feature_group_count=mid, use_bias=False,
-                    padding=conv_padding(self.padding, self.kernel, self.stride), kernel_init=conv_init(DEPTHWISE_AXES),
-                    name="conv_dw", **kw)(y)  # [B, H / s, W / s, E]
+        y = DepthwiseConv(self.kernel, self.stride, self.padding, name="conv_dw", **kw)(y)  # [B, H / s, W / s, E]
         y = norm(y, "bn2" if inverted else "bn1")
         y = SqueezeExcite(max(1, round(in_features * SE_RATIO)), name="se", **kw)(y)
         y = pointwise(y, self.features, "conv_pwl" if inverted else "conv_pw")  # [B, H / s, W / s, features]
