@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -16,8 +17,8 @@ def demo_config(arg: str = "size=tiny"):
     return module.get_config(arg)
 
 
-def _with(overrides: dict):
-    config = demo_config()
+def _with(overrides: dict, arg: str = "size=tiny"):
+    config = demo_config(arg)
     for setting, value in overrides.items():
         *parents, name = setting.split(".")
         section = config
@@ -27,7 +28,7 @@ def _with(overrides: dict):
     return config
 
 
-@pytest.mark.parametrize("arg", ["size=tiny", "", "pool=avg"])
+@pytest.mark.parametrize("arg", ["size=tiny", "", "pool=avg", "tower=efficientnet", "tower=efficientnet,pool=avg"])
 def test_the_shipped_demo_configs_pass(arg):
     config_checks.validate(demo_config(arg), num_devices=8)
 
@@ -77,6 +78,24 @@ def test_bad_settings_are_rejected_naming_setting_value_and_fix(overrides, messa
     with pytest.raises(ValueError, match=None) as raised:
         config_checks.validate(_with(overrides), num_devices=8)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"data.keep_ratio": 0.5}, "config.data.keep_ratio=0.5 drops patches, but config.model.image.tower='efficientnet' "
+                               "takes whole images; set config.data.keep_ratio=1.0"),
+    ({"data.keep_patches": 4}, "config.data.keep_patches=4 keeps patches"),
+    ({"model.image.patch_size": 8}, "config.model.image.patch_size=8 is not a setting of "
+                                    "config.model.image.tower='efficientnet'"),
+    ({"model.image.patch_stride": 4}, "config.model.image.patch_stride=4 is not a setting"),
+    ({"model.image.preset": "b9"}, "config.model.image.preset='b9' is not an EfficientNet preset"),
+    ({"model.image.padding": "valid"}, "config.model.image.padding='valid' is not a padding"),
+    ({"model.image.tower": "resnet"}, "config.model.image.tower='resnet' is not an image tower"),
+    ({"model.image_pool": "cls"}, "reads the CLS token, which config.model.image.tower='efficientnet' has none"),
+    ({"model.image.drop_path_rate": 1.5}, "config.model.image.drop_path_rate=1.5 is outside [0.0, 1.0)"),
+])
+def test_cnn_settings_are_rejected_by_name(overrides, message):
+    with pytest.raises(config_checks.ConfigError, match=re.escape(message)):
+        config_checks.validate(_with(overrides, "size=tiny,tower=efficientnet"), num_devices=8)
 
 
 def test_a_vocabulary_smaller_than_the_tokenizer_is_rejected():
