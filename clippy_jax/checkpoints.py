@@ -17,6 +17,7 @@ have no `config/` item: they load with a config file (`model_config`), and resum
 shapes (`StateMismatchError` otherwise).
 """
 
+import dataclasses
 import errno
 import functools
 import itertools
@@ -210,7 +211,8 @@ class Checkpointer:
             try:
                 self._read(step, "its metadata", functools.partial(self._check_shapes, step, abstract_state),
                            interrupted, limited=True)
-                args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+                target = self._restore_target(step, abstract_state)
+                args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
                 restored = self._read(step, "the TrainState", functools.partial(self.manager.restore, step, args=args),
                                       interrupted)
                 if iterator is not None:
@@ -220,8 +222,18 @@ class Checkpointer:
                 self._set_aside(step, error)
                 continue
             logging.info("Resumed from checkpoint step %d in %s.", step, self.directory)
-            return restored[STATE_ITEM]
+            state = restored[STATE_ITEM]
+            return state if target is abstract_state else abstract_state.replace(**state)
         return None
+
+    def _restore_target(self, step: int, abstract_state):
+        """`abstract_state`; for a TrainState and a step saved before the TrainState held BatchNorm statistics
+        (of a model without them, as `_check_shapes` ensured), its other fields as a dict."""
+        if "batch_stats" in self.manager.item_metadata(step)[STATE_ITEM] or not dataclasses.is_dataclass(
+                abstract_state):
+            return abstract_state
+        return {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+                if f.name != "batch_stats"}
 
     def _read(self, step: int, what: str, read: Callable, interrupted: Callable[[], bool], limited: bool = False):
         """read(), classifying its failure: bad bytes -> UnreadableCheckpointError; a transient error (or, if

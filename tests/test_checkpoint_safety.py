@@ -8,13 +8,19 @@ import os
 import shutil
 import signal
 
+import flax.struct
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from clippy_jax import checkpoints
 from clippy_jax.data import pipeline
 from clippy_jax.train.loop import PreemptionWatcher, TrainingStopped
+from clippy_jax.train.step import TrainState
 from tests.helpers import run_main
 
 NO_EVAL = "--config.eval.evaluators=()"
@@ -206,3 +212,32 @@ def test_fewer_steps_than_the_workdir_has_done_is_an_error(tiny_run, tmp_path):
     result = run_main(workdir, "--config.train.steps=5", check=False, timeout=120)
     assert result.returncode == 2
     assert f"config.train.steps=5 is below the step 10 that {workdir} has reached" in result.stderr
+
+
+class _StateBeforeBatchStats(flax.struct.PyTreeNode):
+    """The TrainState of the checkpoints written before it held BatchNorm statistics (issue 24)."""
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def test_a_step_saved_before_the_train_state_held_batchnorm_statistics_restores(tmp_path):
+    tx = optax.adam(1e-3)
+    params = {"w": jnp.arange(6.0).reshape(3, 2)}
+    old = _StateBeforeBatchStats(step=jnp.array(4, jnp.int32), params=params, opt_state=tx.init(params),
+                                 rng=jax.random.key(3))
+    checkpointer = checkpoints.Checkpointer(str(tmp_path), 1, 2, None)
+    checkpointer.save(4, old, ml_collections.ConfigDict(dict(seed=0)), None, force=True)
+    checkpointer.wait()
+    fresh = TrainState(step=jnp.array(0, jnp.int32), params={"w": jnp.zeros((3, 2))}, opt_state=tx.init(params),
+                       rng=jax.random.key(0))
+    restored = checkpointer.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                 sharding=x.sharding), fresh),
+                                    None, lambda: False)
+    assert int(restored.step) == 4 and restored.batch_stats == {}
+    np.testing.assert_array_equal(restored.params["w"], params["w"])
+    variables = checkpoints.restore_variables(checkpoints.step_dir(str(tmp_path), 4))
+    assert variables["batch_stats"] == {}
+    np.testing.assert_array_equal(variables["params"]["w"], params["w"])
