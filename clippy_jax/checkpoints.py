@@ -14,15 +14,17 @@ the config was recorded have no `config/` item: they load with a config file (`m
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from clippy_jax.data.pipeline import InputIterator
+if TYPE_CHECKING:  # reading checkpoints (evaluation, inference) needs neither tf.data nor TensorFlow
+    from clippy_jax.data.pipeline import InputIterator
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "default"  # the name CheckpointManager gives a single item, kept for older checkpoints
@@ -81,7 +83,7 @@ class Checkpointer:
         """The config recorded with `step`; None for a step written before configs were recorded."""
         return read_config(os.path.join(self.directory, str(step)))
 
-    def restore(self, abstract_state, iterator: InputIterator | None):
+    def restore(self, abstract_state, iterator: "InputIterator | None"):
         """Restores the newest readable step into `abstract_state`'s shapes and shardings; None if none.
 
         A step that cannot be read (a missing or corrupt file, or no input iterator state) is
@@ -94,7 +96,7 @@ class Checkpointer:
                     step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)}))
                 if iterator is not None:
                     data_dir = self._data_dir(step)
-                    if not tf.io.gfile.exists(data_dir):
+                    if not epath.Path(data_dir).exists():
                         raise FileNotFoundError(f"no input iterator state at {data_dir}")
                     iterator.restore(data_dir)
             except Exception as error:  # noqa: BLE001 (any unreadable step falls back to the one before)
@@ -112,14 +114,14 @@ class Checkpointer:
     def _set_aside(self, step: int) -> None:
         if jax.process_index() == 0:
             path = os.path.join(self.directory, str(step))
-            if tf.io.gfile.exists(f"{path}.unreadable"):
-                tf.io.gfile.rmtree(f"{path}.unreadable")
-            tf.io.gfile.rename(path, f"{path}.unreadable")
+            if epath.Path(f"{path}.unreadable").exists():
+                epath.Path(f"{path}.unreadable").rmtree()
+            epath.Path(path).rename(f"{path}.unreadable")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
         self.manager.reload()
 
-    def save(self, step: int, state, config: ml_collections.ConfigDict, iterator: InputIterator | None,
+    def save(self, step: int, state, config: ml_collections.ConfigDict, iterator: "InputIterator | None",
              force: bool = False) -> bool:
         """Saves `state` with `config` if `step` is on the save interval (or `force`); returns whether it saved."""
         if not (force or self.manager.should_save(step)) or step in self.manager.all_steps():
@@ -133,12 +135,11 @@ class Checkpointer:
 
     def _prune_data_states(self, keep: set[int]) -> None:
         root = os.path.join(self.directory, "data")
-        if jax.process_index() != 0 or not tf.io.gfile.exists(root):
+        if jax.process_index() != 0 or not epath.Path(root).exists():
             return
-        for name in tf.io.gfile.listdir(root):
-            name = name.rstrip("/")
-            if name.isdigit() and int(name) not in keep:
-                tf.io.gfile.rmtree(os.path.join(root, name))
+        for child in epath.Path(root).iterdir():
+            if child.name.isdigit() and int(child.name) not in keep:
+                child.rmtree()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -151,11 +152,11 @@ def find_step_dir(path: str) -> str | None:
     """The step folder to read for a training workdir (its newest step), its checkpoints folder or one
     step folder; None if `path` is none of these."""
     for directory in (checkpoint_dir(path), path):
-        if tf.io.gfile.exists(os.path.join(directory, STATE_ITEM)):
+        if epath.Path(directory, STATE_ITEM).exists():
             return directory
-        if tf.io.gfile.isdir(directory):
-            steps = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(directory) if n.rstrip("/").isdigit()]
-            steps = [s for s in steps if tf.io.gfile.exists(os.path.join(directory, str(s), STATE_ITEM))]
+        if epath.Path(directory).is_dir():
+            steps = [int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()]
+            steps = [s for s in steps if epath.Path(directory, str(s), STATE_ITEM).exists()]
             if steps:
                 return os.path.join(directory, str(max(steps)))
     return None
@@ -173,7 +174,7 @@ def _composite_checkpointer() -> ocp.Checkpointer:
 
 def read_config(step_path: str) -> ml_collections.ConfigDict | None:
     """The config recorded with a step folder, or None if it has none (written before configs were recorded)."""
-    if not tf.io.gfile.exists(os.path.join(step_path, CONFIG_ITEM)):
+    if not epath.Path(step_path, CONFIG_ITEM).exists():
         return None
     restored = _composite_checkpointer().restore(step_path, args=ocp.args.Composite(
         **{CONFIG_ITEM: ocp.args.JsonRestore()}))
