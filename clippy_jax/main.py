@@ -18,7 +18,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clippy_jax import config_checks, distributed, logs
+from clippy_jax import cli, config_checks, distributed, logs
 from clippy_jax.data.pipeline import InputStalledError
 from clippy_jax.data.sources import DataError
 from clippy_jax.train.loop import TrainingStopped, train_and_evaluate
@@ -29,7 +29,7 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 75
 # Errors in what the user gave (settings, data, workdir): exit EXIT_BAD_INPUT.
 BAD_INPUT_ERRORS = (config_checks.ConfigError, DataError, InputStalledError, FileNotFoundError)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Training configuration file.",
+_CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("configs/demo.py"), "Training configuration file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Directory for checkpoints, logs and results.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise it just exits).")
@@ -82,7 +82,7 @@ def _exit(code: int, message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with a one-line error (exit 2) for a bad flag or config override."""
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(cli.resolve_config_flags(argv))
     except Exception as error:  # noqa: BLE001 (config files and overrides raise any error)
         chain = [error]
         while chain[-1].__cause__ or chain[-1].__context__:
@@ -101,6 +101,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run() -> None:
     """The `clippy-train` console command."""
     jax.config.config_with_absl()
+    cli.list_flags_in_help(__name__)
     app.run(main, flags_parser=_parse_flags)
 
 

@@ -9,6 +9,7 @@ land in OUT: `results.json`, `results.md` and TensorBoard events (scalars, table
 """
 
 import os
+import sys
 
 # XLA runs LAPACK (the eigensolver of PCA grouping) inside its own CPU thread pool; OpenBLAS's extra
 # threads only contend with it (30 s instead of 0.2 s for 8 512x512 eigh on 2 busy cores). Set before
@@ -20,11 +21,11 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clippy_jax import distributed, logs, sharding  # noqa: E402
+from clippy_jax import cli, distributed, logs, sharding  # noqa: E402
 from clippy_jax.evaluate import loading, runner  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluation configuration file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("configs/eval.py"),
+                                          "Evaluation configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results and TensorBoard events.", required=True)
 
 
@@ -46,10 +47,20 @@ def main(argv: list[str]) -> None:
     logging.info("Results: %s; TensorBoard: tensorboard --logdir %s", os.path.join(workdir, "results.md"), workdir)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a config file that does not exist refused in one line (exit 2)."""
+    try:
+        return flags.FLAGS(cli.resolve_config_flags(argv))
+    except cli.ConfigNotFoundError as error:
+        print(f"{argv[0]}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run() -> None:
     """The `clippy-evaluate` console command."""
     jax.config.config_with_absl()
-    app.run(main)
+    cli.list_flags_in_help(__name__)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
