@@ -2,12 +2,37 @@
 
 import glob
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
 import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# A log record in absl's format: Python's (`main.py:55]`) and the native libraries' (`port.cc:153]`).
+_RECORD = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\] ")
+
+
+def user_env() -> dict[str, str]:
+    """The environment of a command as a user starts it: without the test session's TF_CPP_MIN_LOG_LEVEL."""
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def foreign_lines(console: str) -> list[str]:
+    """The lines of a command's console that are not the project's: log records of files outside clippy_jax
+    (native C++ libraries, other packages) with their continuation lines, tracebacks, absl's pre-init notice."""
+    project = {path.name for path in pathlib.Path(REPO, "clippy_jax").rglob("*.py")}
+    foreign, ours = [], True
+    for line in console.splitlines():
+        record = _RECORD.match(line)
+        if record:
+            ours = record.group(1) in project
+        if not ours or line.startswith("Traceback") or "absl::InitializeLog" in line:
+            foreign.append(line)
+    return foreign
 
 
 def main_command(workdir: str, *flags: str, config: str = "configs/demo.py:size=tiny") -> list[str]:
@@ -17,7 +42,7 @@ def main_command(workdir: str, *flags: str, config: str = "configs/demo.py:size=
 def run_main(workdir: str, *flags: str, config: str = "configs/demo.py:size=tiny", timeout: int = 300,
              check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(main_command(workdir, *flags, config=config), cwd=REPO, capture_output=True, text=True,
-                            check=False, timeout=timeout)
+                            check=False, timeout=timeout, env=user_env())
     if check and result.returncode:
         raise AssertionError(f"main failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
