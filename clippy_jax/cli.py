@@ -1,5 +1,6 @@
-"""What the command-line entry points share: config files found from any folder, and `--help` that lists
-the command's flags when it runs as an installed console script (`clippy-train`, ...).
+"""What the command-line entry points share: config files found from any folder, `--help` that lists the
+command's flags when it runs as an installed console script (`clippy-train`, ...), and failures in one line
+(exit 2 for bad input, 1 otherwise; `--traceback` adds the traceback).
 
 Config files: `--config=PATH[:arguments]` reads PATH when it exists; otherwise a config name (`demo`,
 `demo.py` or `configs/demo.py`) reads the package's copy of the checkout's `configs/` (shipped in the
@@ -8,8 +9,9 @@ wheel, `clippy_jax/configs` links to it), so that `clippy-train --config=demo` w
 
 import os
 import sys
+from collections.abc import Callable
 
-from absl import flags
+from absl import app, flags, logging
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -54,3 +56,38 @@ def list_flags_in_help(module_name: str) -> None:
     module = sys.argv[0] if module_name == "__main__" else module_name
     for flag in flags.FLAGS.get_key_flags_for_module(module):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+class BadInput(Exception):
+    """A flag, setting or file the user gave cannot be used: reported in one line, exit `EXIT_BAD_INPUT`."""
+
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (configs resolved by `resolve_config_flags`); a bad flag: one line, exit 2."""
+    try:
+        return flags.FLAGS(resolve_config_flags(argv))
+    except (flags.Error, ConfigNotFoundError) as error:
+        print(f"{os.path.basename(argv[0])}: error in the flags: {error}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def run(main: Callable[[list[str]], None], traceback: flags.FlagHolder[bool]) -> None:
+    """`app.run(main)` with `parse_flags`, the flags listed by `--help`, and each failure in one line: `BadInput`
+    exits 2, any other error 1; `traceback` (a --traceback flag) adds the traceback."""
+    def one_line_errors(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except Exception as error:  # noqa: BLE001 (one line, then exit)
+            if traceback.value:
+                logging.exception("Traceback of the failure:")
+            bad = isinstance(error, BadInput)
+            message = str(error) if bad else f"{type(error).__name__}: {error}"
+            hint = "" if bad or traceback.value else " (--traceback for details)"
+            print(f"{os.path.basename(sys.argv[0])}: error: {message}{hint}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT if bad else EXIT_FAILED)
+
+    list_flags_in_help(main.__module__)
+    app.run(one_line_errors, flags_parser=parse_flags)

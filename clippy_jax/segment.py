@@ -8,22 +8,23 @@ Installed, the same command is `clippy-segment`. `--checkpoint` is a training wo
 demo's `workdirs/demo`) or a converted checkpoint (`python -m clippy_jax.convert`). Each `--image`
 (repeat the flag or separate paths with commas; JPEG, PNG, WebP, ... in any mode, EXIF orientation
 applied) gives, in OUT:
-  <name>_overlay.png  the labels blended over the image at its own resolution, with a legend;
+  <name>_overlay.png  the labels blended over the image (enlarged when small), a legend beside it;
   <name>_labels.png   the label map: pixel value = label index (a palette PNG, coloured as the overlay);
   <name>.json         the labels, in index order, and each one's share of the pixels.
 `--background` prompts form one label, "background" (index 0). With `--group=K`, the labels are
 the K bottom-up PCA groups of the image instead of prompts.
+
+An image that cannot be read or segmented is reported in one line and the others go on; flags, the
+output folder and the images are checked before the model loads. Exit status: 0 all segmented; 2 bad
+flags, checkpoint, model config or images (with the count); 1 another failure (`--traceback` for details).
 """
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from clippy_jax import cli, logs
-
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir or converted checkpoint.")
 _IMAGES = flags.DEFINE_multi_string("image", [], "Image file(s) to segment; repeat the flag or separate with commas.")
@@ -37,10 +38,6 @@ _WINDOW = flags.DEFINE_integer("window", 0, "> 0: sliding windows of this side (
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
 
 
-class UsageError(Exception):
-    """A flag or file the command was given cannot be used: one line, exit 2."""
-
-
 def _image_paths() -> list[str]:
     return [path for value in _IMAGES.value for path in value.split(",") if path]
 
@@ -48,31 +45,31 @@ def _image_paths() -> list[str]:
 def _check_flags() -> None:
     """Every flag problem and the output folder, before the model loads."""
     if not _CHECKPOINT.value:
-        raise UsageError("Pass --checkpoint=DIR: a training workdir (`make demo` writes workdirs/demo) or a converted "
-                         "checkpoint.")
+        raise cli.BadInput("Pass --checkpoint=DIR: a training workdir (`make demo` writes workdirs/demo) or a "
+                           "converted checkpoint.")
     if not _OUTPUT.value:
-        raise UsageError("Pass --output=DIR, the folder for the overlays, label maps and shares.")
+        raise cli.BadInput("Pass --output=DIR, the folder for the overlays, label maps and shares.")
     if not _image_paths():
-        raise UsageError("Pass at least one --image=PATH.")
+        raise cli.BadInput("Pass at least one --image=PATH.")
     if _GROUP.value < 0:
-        raise UsageError(f"--group must be >= 1 (or 0 to segment with --prompts), got {_GROUP.value}.")
+        raise cli.BadInput(f"--group must be >= 1 (or 0 to segment with --prompts), got {_GROUP.value}.")
     if _GROUP.value and (_PROMPTS.value or _BACKGROUND.value):
-        raise UsageError("--group groups bottom-up without prompts; drop --prompts / --background or --group.")
+        raise cli.BadInput("--group groups bottom-up without prompts; drop --prompts / --background or --group.")
     if not _GROUP.value and not [p for p in _PROMPTS.value if p.strip()]:
-        raise UsageError('Pass --prompts="cat,dog,grass" (one label per prompt) or --group=K.')
+        raise cli.BadInput('Pass --prompts="cat,dog,grass" (one label per prompt) or --group=K.')
     if len(_PROMPTS.value) + 1 > 256 or _GROUP.value > 256:
-        raise UsageError("At most 255 labels: the label map is an 8-bit PNG.")
+        raise cli.BadInput("At most 255 labels: the label map is an 8-bit PNG.")
     names = [os.path.splitext(os.path.basename(path))[0] for path in _image_paths()]
     if len(set(names)) < len(names):
-        raise UsageError(f"--image: two files share a name, their outputs would collide: {sorted(names)}.")
+        raise cli.BadInput(f"--image: two files share a name, their outputs would collide: {sorted(names)}.")
     if os.path.exists(_OUTPUT.value) and not os.path.isdir(_OUTPUT.value):
-        raise UsageError(f"--output={_OUTPUT.value} is a file; pass a folder (it is created if missing).")
+        raise cli.BadInput(f"--output={_OUTPUT.value} is a file; pass a folder (it is created if missing).")
     try:
         os.makedirs(_OUTPUT.value, exist_ok=True)
     except OSError as error:
-        raise UsageError(f"--output={_OUTPUT.value} cannot be created: {error.strerror}.") from None
+        raise cli.BadInput(f"--output={_OUTPUT.value} cannot be created: {error.strerror}.") from None
     if not os.access(_OUTPUT.value, os.W_OK):
-        raise UsageError(f"--output={_OUTPUT.value} is not writable.")
+        raise cli.BadInput(f"--output={_OUTPUT.value} is not writable.")
 
 
 def _trained_on(clippy, paths: list[str], images: list) -> None:
@@ -138,7 +135,7 @@ def _segment(clippy, paths: list[str], images: list) -> int:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}: every setting is a flag (--image=..., --prompts=...).")
+        raise cli.BadInput(f"unexpected arguments {argv[1:]}: every setting is a flag (--image=..., --prompts=...).")
     _check_flags()
     from clippy_jax.inference import Clippy, read_image  # the model's imports only once the flags are checked
 
@@ -152,41 +149,22 @@ def main(argv: list[str]) -> None:
             logging.error("%s", error)
             unreadable += 1
     if not images:
-        raise UsageError(f"none of the {unreadable} images could be read.")
+        raise cli.BadInput(f"none of the {unreadable} images could be read.")
     try:
         clippy = Clippy.load(_CHECKPOINT.value, model_config=_MODEL_CONFIG.value, image_size=_IMAGE_SIZE.value,
                              window=_WINDOW.value)
     except (OSError, ValueError) as error:
-        raise UsageError(str(error)) from error
+        raise cli.BadInput(str(error)) from error
     _trained_on(clippy, paths, images)
     failed = unreadable + _segment(clippy, paths, images)
     if failed:
-        raise UsageError(f"{failed} of {len(_image_paths())} images could not be segmented (above); the others' "
+        raise cli.BadInput(f"{failed} of {len(_image_paths())} images could not be segmented (above); the others' "
                          f"results are in {_OUTPUT.value}.")
-
-
-def _run_main(argv: list[str]) -> None:
-    """`main` with one line for an error (exit 2 for bad input, 1 otherwise); `--traceback` adds the traceback."""
-    try:
-        main(argv)
-    except UsageError as error:
-        _fail(EXIT_BAD_INPUT, str(error), error)
-    except Exception as error:  # noqa: BLE001 (one line, then exit)
-        _fail(EXIT_FAILED, f"{type(error).__name__}: {error}" + ("" if _TRACEBACK.value else
-                                                                 " (--traceback for details)"), error)
-
-
-def _fail(code: int, message: str, error: BaseException) -> None:
-    if _TRACEBACK.value:
-        logging.exception("Traceback of the failure:", exc_info=error)
-    print(f"clippy-segment: error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def run() -> None:
     """The `clippy-segment` console command."""
-    cli.list_flags_in_help(__name__)
-    app.run(_run_main)
+    cli.run(main, _TRACEBACK)
 
 
 if __name__ == "__main__":

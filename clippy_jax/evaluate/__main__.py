@@ -9,7 +9,6 @@ land in OUT: `results.json`, `results.md` and TensorBoard events (scalars, table
 """
 
 import os
-import sys
 
 # XLA runs LAPACK (the eigensolver of PCA grouping) inside its own CPU thread pool; OpenBLAS's extra
 # threads only contend with it (30 s instead of 0.2 s for 8 512x512 eigh on 2 busy cores). Set before
@@ -18,7 +17,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from clippy_jax import cli, distributed, logs, sharding  # noqa: E402
@@ -27,17 +26,21 @@ from clippy_jax.evaluate import loading, runner  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("configs/eval.py"),
                                           "Evaluation configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results and TensorBoard events.", required=True)
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise cli.BadInput(f"unexpected arguments {argv[1:]}: every setting is a flag (--config.init_from=...).")
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; leave accelerators to JAX.
     logs.quiet_libraries()
     distributed.initialize()
     config = _CONFIG.value
     workdir = _WORKDIR.value if _WORKDIR.value.startswith("gs://") else os.path.abspath(_WORKDIR.value)
-    loaded = loading.load(config)
+    try:
+        loaded = loading.load(config)
+    except (OSError, ValueError) as error:  # a checkpoint, config or tokenizer that is missing or does not fit
+        raise cli.BadInput(str(error)) from error
     logging.info("Evaluating %s (step %d) on %s.", config.init_from, loaded.step, ", ".join(config.eval.evaluators))
     mesh = sharding.make_mesh(config.mesh)
     writer = runner.create_writer(workdir)
@@ -47,20 +50,10 @@ def main(argv: list[str]) -> None:
     logging.info("Results: %s; TensorBoard: tensorboard --logdir %s", os.path.join(workdir, "results.md"), workdir)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a config file that does not exist refused in one line (exit 2)."""
-    try:
-        return flags.FLAGS(cli.resolve_config_flags(argv))
-    except cli.ConfigNotFoundError as error:
-        print(f"{argv[0]}: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run() -> None:
     """The `clippy-evaluate` console command."""
     jax.config.config_with_absl()
-    cli.list_flags_in_help(__name__)
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, _TRACEBACK)
 
 
 if __name__ == "__main__":
