@@ -51,11 +51,20 @@ def resolve_config_flags(argv: list[str], flag: str = "--config") -> list[str]:
 
 
 def list_flags_in_help(module_name: str) -> None:
-    """Makes the flags of `module_name` the key flags of the running program, which absl's `--help` lists
-    (it lists those of `sys.argv[0]`: the module's own path under `python -m`, not a console script's)."""
+    """Makes the flags of `module_name` (and `traceback_flag`) the key flags of the running program, which
+    absl's `--help` lists (those of `sys.argv[0]`: the module's own path under `python -m`, not a console
+    script's)."""
     module = sys.argv[0] if module_name == "__main__" else module_name
-    for flag in flags.FLAGS.get_key_flags_for_module(module):
+    shared = [flags.FLAGS["traceback"]] if "traceback" in flags.FLAGS else []
+    for flag in [*flags.FLAGS.get_key_flags_for_module(module), *shared]:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
+def traceback_flag() -> flags.FlagHolder[bool]:
+    """The `--traceback` flag, defined by the first command module imported (several may share a process)."""
+    if "traceback" in flags.FLAGS:
+        return flags.FlagHolder(flags.FLAGS, flags.FLAGS["traceback"])
+    return flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
 
 
 class BadInput(Exception):

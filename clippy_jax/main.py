@@ -33,7 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("configs/dem
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Directory for checkpoints, logs and results.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise it just exits).")
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
+_TRACEBACK = cli.traceback_flag()
 
 
 def _suggest_huge_pages() -> None:

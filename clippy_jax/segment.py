@@ -35,7 +35,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Directory for the overlays, label
 _MODEL_CONFIG = flags.DEFINE_string("model_config", "", "Training config, for workdirs that do not record one.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Shorter side the model sees; 0: the checkpoint's own.")
 _WINDOW = flags.DEFINE_integer("window", 0, "> 0: sliding windows of this side (stride 2/3 of it).")
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
+_TRACEBACK = cli.traceback_flag()
 
 
 def _image_paths() -> list[str]:

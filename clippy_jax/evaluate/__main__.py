@@ -26,7 +26,7 @@ from clippy_jax.evaluate import loading, runner  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("configs/eval.py"),
                                           "Evaluation configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results and TensorBoard events.", required=True)
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
+_TRACEBACK = cli.traceback_flag()
 
 
 def main(argv: list[str]) -> None:
