@@ -301,6 +301,39 @@ def check_resume(settings: dict, saved: dict | None, workdir: str, workdir_step:
         logging.warning("Resuming %s with changed settings (written -> now): %s.", workdir, describe(reported))
 
 
+def _mismatch_settings(model: ml_collections.ConfigDict, key: str, saved: tuple, expected: tuple) -> list[str]:
+    """The integer settings of the array's tower (`model.image`, `model.text`, else `model`) whose value is a
+    dimension in which the config's shape `expected` differs from the checkpoint's `saved`."""
+    tower = next((t for t in ("image", "text") if f"/{t}_" in f"/{key}"), None)
+    settings = flatten(model[tower], f"model.{tower}.") if tower else {
+        f"model.{k}": v for k, v in flatten(model).items() if "." not in k}
+    guesses = []
+    if len(saved) == len(expected):
+        for old, new in zip(saved, expected):
+            guesses += [f"config.{k}={v!r} (the checkpoint's {old})" for k, v in settings.items()
+                        if old != new and v == new and isinstance(v, int) and not isinstance(v, bool)]
+    return guesses
+
+
+def state_mismatch(config: ml_collections.ConfigDict, error, workdir: str, recorded: bool) -> ConfigError:
+    """A ConfigError for a `checkpoints.StateMismatchError`: the settings that likely differ, by the shapes."""
+    params = [d for d in error.differences if d[0].startswith("params/")]
+    guesses = []
+    for key, saved, expected in params:
+        if saved is not None and expected is not None:
+            guesses += [g for g in _mismatch_settings(ml_collections.ConfigDict(config.model.to_dict()), key,
+                                                      saved, expected) if g not in guesses]
+    if params:
+        what = f"other model settings (likely {' or '.join(guesses)})" if guesses else "other model settings"
+    else:
+        what = "another optimiser (config.optim)"
+    example = "; ".join(f"{key} is {saved and tuple(saved)} there, {expected and tuple(expected)} now"
+                        for key, saved, expected in (params or error.differences)[:2])
+    why = "" if recorded else " and record no config to compare with (written before configs were recorded)"
+    return ConfigError(f"The checkpoints in {workdir} were written with {what}{why}: {example}; pass the settings "
+                       "they were trained with to resume, or a new --workdir. Nothing in the workdir was changed.")
+
+
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
     """{'train.steps': 6, ...}: the scalar settings, others (tuples, None) as strings."""
     out = {}

@@ -9,6 +9,7 @@ workdir (one line naming the setting); 75 stopped by a termination signal, rerun
 relaunch loop restarts on 75 only). Failures print one line; `--traceback` adds the traceback.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 from clippy_jax import cli, config_checks, distributed, logs
 from clippy_jax.data.pipeline import InputStalledError
 from clippy_jax.data.sources import DataError
+from clippy_jax.evaluate import loading
 from clippy_jax.train.loop import TrainingStopped, train_and_evaluate
 
 # ml_collections' hint for a misspelt config key.
@@ -29,7 +31,8 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 75
 # Errors in what the user gave (settings, data, workdir): exit EXIT_BAD_INPUT.
 BAD_INPUT_ERRORS = (config_checks.ConfigError, DataError, InputStalledError, FileNotFoundError)
 
-_CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("configs/demo.py"), "Training configuration file.",
+DEFAULT_CONFIG = "configs/demo.py"
+_CONFIG = config_flags.DEFINE_config_file("config", cli.config_file(DEFAULT_CONFIG), "Training configuration file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Directory for checkpoints, logs and results.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise it just exits).")
@@ -82,20 +85,45 @@ def _exit(code: int, message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with a one-line error (exit 2) for a bad flag or config override."""
     try:
-        return flags.FLAGS(cli.resolve_config_flags(argv))
+        argv = cli.resolve_config_flags(argv)
+        return flags.FLAGS(argv)
     except Exception as error:  # noqa: BLE001 (config files and overrides raise any error)
         chain = [error]
         while chain[-1].__cause__ or chain[-1].__context__:
             chain.append(chain[-1].__cause__ or chain[-1].__context__)
         messages = [str(e.args[0] if isinstance(e, KeyError | AttributeError) and e.args else e) for e in chain]
         suggestion = next((m for m in map(_DID_YOU_MEAN.search, messages) if m), None)
+        unknown = next((m.strip("'\"") for e, m in zip(chain, messages) if isinstance(e, KeyError | AttributeError)),
+                       None)
+        message = (messages[-1] if "Traceback" in messages[0] else messages[0]).replace("\n", " ")
         if suggestion:
             flag = next((arg.split("=")[0] for arg in argv if f".{suggestion.group(2)}" in arg), "a config override")
             message = f"{flag} names an unknown key {suggestion.group(2)!r}; did you mean {suggestion.group(1)!r}?"
-        else:
-            message = (messages[-1] if "Traceback" in messages[0] else messages[0]).replace("\n", " ")
+        elif unknown and (override := _override_naming(argv, unknown)):
+            with contextlib.suppress(Exception):  # the config file's own error stays the message
+                message = _unknown_key_message(argv, override, unknown)
         print(f"{argv[0]}: error in the flags: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def _override_naming(argv: list[str], key: str) -> str | None:
+    """The `--config.a.b` override of `argv` whose path contains `key`, if any."""
+    return next((arg.split("=")[0].lstrip("-") for arg in argv
+                 if arg.startswith("--config.") and key in arg.split("=")[0].split(".")), None)
+
+
+def _unknown_key_message(argv: list[str], override: str, key: str) -> str:
+    """What an override that names an unknown key could mean: the section's keys, or where the key lives."""
+    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), cli.config_file(DEFAULT_CONFIG))
+    root = loading.load_config_file(spec)
+    parts = override.split(".")[1:]
+    section, config = "config", root
+    for part in parts[:parts.index(key)]:
+        section, config = f"{section}.{part}", config[part]
+    elsewhere = [f"config.{path}" for path in config_checks.flatten(root) if path.split(".")[-1] == key]
+    hint = f"did you mean {' or '.join(elsewhere)}?" if elsewhere else \
+        f"the keys of {section} are {', '.join(sorted(config.keys()))}"
+    return f"--{override} names an unknown key {key!r} of {section}; {hint}" + ("" if elsewhere else ".")
 
 
 def run() -> None:

@@ -67,7 +67,7 @@ def paper_config(num_examples: int, epochs: int, batch_size: int = 4096, pod: st
         shuffle_buffer=20_000,
         interleave=16,
         prefetch=4,
-        max_input_wait_seconds=900.0,  # input watchdog: stop when no batch arrives for this long
+        max_input_wait_seconds=900.0,  # stop when no batch arrives, or a start-up read does not answer, for this long
         max_consecutive_skips=10_000,  # ... or when this many records in a row are unusable
     )
     config.model = dict(

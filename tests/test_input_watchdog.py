@@ -5,6 +5,8 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -15,7 +17,7 @@ from PIL import Image
 
 from clippy_jax.data import pipeline, sources, writers
 from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece
-from tests.helpers import run_main
+from tests.helpers import REPO, main_command, run_main
 from tests.test_pipeline import GEOMETRY, data_config, decode_captions
 
 CAPTIONS = [f"a \"quoted\" photo\\ number {i}/{i} é 日本" for i in range(12)]
@@ -129,15 +131,27 @@ def test_a_json_field_can_be_the_caption(tmp_path, tokenizer):
                                            text_key="json:title"), tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
 
 
-def test_undecodable_images_stop_the_run_after_the_wait_limit_with_the_counters(tmp_path, tokenizer):
+def test_shards_whose_images_do_not_decode_stop_at_start_up_with_the_count_and_the_first_error(tmp_path, tokenizer):
     writers.write_tar(str(tmp_path / "00000.tar"),
                       [m for i in range(8) for m in writers.webdataset_members(f"{i:04d}", b"<html>404</html>", "x")])
     config = data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar"))
     start = time.monotonic()
-    with pytest.raises(pipeline.InputStalledError, match=r"max_input_wait_seconds=3.*holds the member extensions "
-                                                         r"\['jpg', 'json', 'txt'\].*Skip counters"):
-        _first_batch(config, tokenizer, max_wait_seconds=3, describe=lambda: sources.describe(config))
-    assert time.monotonic() - start < 60
+    with pytest.raises(sources.DataError, match=r"None of the first 8 images of .*00000.tar .* decodes "
+                                                r"\(bad_image=8; the first error: Unknown image file format\. One of"):
+        _first_batch(config, tokenizer)
+    assert time.monotonic() - start < 20
+
+
+def test_undecodable_images_are_counted_as_they_are_skipped(tmp_path, tokenizer):
+    # One image that decodes, then 80 that do not: the start-up check passes, the stream stops at the
+    # consecutive-skip limit with every undecodable image counted.
+    writers.write_tar(str(tmp_path / "00000.tar"), [
+        m for i in range(81) for m in writers.webdataset_members(
+            f"{i:04d}", _encoded(i, "JPEG") if i == 0 else b"<html>404</html>", "x")])
+    config = data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar"), max_consecutive_skips=50,
+                         shuffle_buffer=1)
+    with pytest.raises(pipeline.InputStalledError, match=r"50 consecutive records were skipped.*bad_image=50,"):
+        _first_batch(config, tokenizer, max_wait_seconds=60)
 
 
 def test_consecutive_skipped_records_stop_the_run_with_the_counters(tmp_path, tokenizer):
@@ -150,16 +164,22 @@ def test_consecutive_skipped_records_stop_the_run_with_the_counters(tmp_path, to
 
 
 def test_waiting_for_a_batch_can_be_cancelled(tmp_path, tokenizer):
-    writers.write_tar(str(tmp_path / "00000.tar"),
-                      [m for i in range(8) for m in writers.webdataset_members(f"{i:04d}", b"<html>404</html>", "x")])
+    shard = str(tmp_path / "00000.tfrecord")
+    writers.write_tfrecord(shard, [writers.img2dataset_record(f"{i:04d}", _encoded(i, "JPEG"), text)
+                                   for i, text in enumerate(CAPTIONS)])
     iterator = pipeline.InputIterator(pipeline.train_dataset(
-        data_config(source="webdataset", train_pattern=str(tmp_path / "*.tar")), tokenizer, 2,
-        patch_geometry=GEOMETRY, seed=0))
+        data_config(train_pattern=str(tmp_path / "*.tfrecord")), tokenizer, 2, patch_geometry=GEOMETRY, seed=0))
+    os.remove(shard)
+    os.mkfifo(shard)  # the shard now blocks its reader: a stalled network mount after start-up
     cancel = threading.Event()
     threading.Timer(1.0, cancel.set).start()
     start = time.monotonic()
-    assert iterator.next_batch(cancelled=cancel.is_set) is None
-    assert time.monotonic() - start < 10
+    try:
+        assert iterator.next_batch(cancelled=cancel.is_set) is None
+        assert time.monotonic() - start < 10
+    finally:
+        with open(os.open(shard, os.O_WRONLY | os.O_NONBLOCK), "wb"):  # lets the blocked read end
+            pass
 
 
 def test_main_with_a_wrong_image_key_exits_2_naming_the_key_found(tmp_path, tokenizer_path):
@@ -175,3 +195,43 @@ def test_main_with_a_wrong_image_key_exits_2_naming_the_key_found(tmp_path, toke
     assert "config.data.image_key='png' matches none of the member extensions ['jpg', 'json', 'txt']" in \
         result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _main_flags(tmp_path, tokenizer_path, *flags: str) -> list[str]:
+    return main_command(str(tmp_path / "work"), "--config.data.source=webdataset",
+                        f"--config.data.train_pattern={tmp_path / 'shards' / '*.tar'}",
+                        f"--config.data.tokenizer_path={tokenizer_path}", "--config.eval.evaluators=()", *flags)
+
+
+def test_a_shard_that_never_answers_is_named_within_the_deadline_and_sigterm_stops_the_wait(tmp_path, tokenizer,
+                                                                                              tokenizer_path):
+    os.makedirs(tmp_path / "shards")
+    _tar(str(tmp_path / "shards" / "00000.tar"))
+    fifo = str(tmp_path / "shards" / "00001.tar")  # stands in for a file on a stalled network mount
+    os.mkfifo(fifo)
+    config = data_config(source="webdataset", train_pattern=str(tmp_path / "shards" / "*.tar"),
+                         max_input_wait_seconds=2)
+    start = time.monotonic()
+    with pytest.raises(sources.DataError, match=rf"did not answer .*1 of 2 reads did not finish within 2 s: {fifo}"):
+        pipeline.train_dataset(config, tokenizer, 2, patch_geometry=GEOMETRY, seed=0)
+    assert time.monotonic() - start < 15
+
+    process = subprocess.Popen(_main_flags(tmp_path, tokenizer_path, "--config.data.max_input_wait_seconds=600"),
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "Checking the 2 shards" in line:
+                break
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        stderr = "".join(lines) + process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+        with open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "wb"):  # lets this process's blocked read end
+            pass
+    assert process.returncode == 75, stderr[-3000:]
+    assert time.monotonic() - start < 10
+    assert "Stopped by signal SIGTERM" in stderr and "Traceback" not in stderr

@@ -7,6 +7,7 @@ tokenizers-backed class (formerly T5TokenizerFast), built here from the `.model`
 
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -81,3 +82,18 @@ def test_rejects_a_model_without_t5_special_ids(model_dir, tmp_path):
                                    hard_vocab_limit=False, minloglevel=2)  # unk 0, bos 1, eos 2
     with pytest.raises(ValueError, match="T5 conventions need pad 0 and EOS 1"):
         Tokenizer(prefix + ".model", MAX_LENGTH)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage that is no model proto\xff" * 10])
+def test_a_file_that_is_no_tokenizer_is_refused_at_start_up_naming_the_setting(tmp_path, content):
+    from clippy_jax.config_checks import ConfigError
+    from clippy_jax.train.loop import load_tokenizer
+
+    path = tmp_path / "spiece.model"
+    path.write_bytes(content)
+    data = dict(tokenizer_path=str(path), max_text_length=MAX_LENGTH)
+    with pytest.raises(ConfigError, match=rf"config.data.tokenizer_path='{path}' cannot be used: {path} is not a "
+                                          r"SentencePiece model \(its \d+ bytes do not parse as one\)"):
+        load_tokenizer(ml_collections.ConfigDict(data), wait_seconds=30)
+    with pytest.raises(ConfigError, match=rf"config.data.tokenizer_path='{tmp_path}' cannot be used: .*directory"):
+        load_tokenizer(ml_collections.ConfigDict(dict(data, tokenizer_path=str(tmp_path))), wait_seconds=30)

@@ -1,5 +1,5 @@
 """python -m clippy_jax.convert --from=KIND --input=PATH --output=DIR [--allow-partial] [--image-pool=NAME]
-    [--image-depth=N] [--text-depth=N] [--verbose]
+    [--image-depth=N] [--text-depth=N] [--padding=pytorch|same] [--verbose]
 
 Everything is checked before anything is written: the output path, the input file or folder, the
 depth of each tower (against the standard model of its width, or --image-depth / --text-depth),
@@ -16,6 +16,7 @@ import numpy as np
 
 from clippy_jax.convert import IMPORTERS
 from clippy_jax.convert.common import ConvertError, save_pretrained, unflatten
+from clippy_jax.models.efficientnet import PADDINGS
 from clippy_jax.models.pooling import IMAGE_POOLS
 from clippy_jax.models.t5 import T5_1_1_PRESETS, T5_PRESETS
 from clippy_jax.models.vit import VIT_PRESETS
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="open_clip_clippy only: the image pooling recorded in the model config")
     parser.add_argument("--image-depth", type=int, help="expected ViT blocks (default: the preset of its width)")
     parser.add_argument("--text-depth", type=int, help="expected T5 blocks (default: the preset of its shapes)")
+    parser.add_argument("--padding", choices=PADDINGS,
+                        help="timm_efficientnet (required): 'pytorch' (efficientnet_b*), 'same' (tf_efficientnet_b*)")
     parser.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
     return parser
 
@@ -78,7 +81,7 @@ def check_depths(model_config: dict, expected: dict[str, int | None]) -> None:
     that of the standard model of its widths): a checkpoint missing its last blocks is refused."""
     for tower, given in expected.items():
         config = model_config.get(tower)
-        if config is None:
+        if config is None or "depth" not in config:  # an EfficientNet's layout is matched to its preset
             continue
         want, name = (given, f"--{tower}-depth") if given is not None else _preset_depth(tower, config)
         if want is not None and config["depth"] != want:
@@ -91,12 +94,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     check_output(args.output)
     check_input(args.kind, args.input)
-    options = dict(image_pool=args.image_pool) if args.kind == "open_clip_clippy" else {}
+    options = {"open_clip_clippy": dict(image_pool=args.image_pool),
+               "timm_efficientnet": dict(padding=args.padding)}.get(args.kind, {})
     converted = IMPORTERS[args.kind](args.input, **options)
     check_depths(converted.model_config, dict(image=args.image_depth, text=args.text_depth))
     converted.report.check(strict=not args.allow_partial, what=f"{args.input} (--from={args.kind})")
     save_pretrained(args.output, unflatten(converted.params), converted.model_config,
-                    source=dict(kind=args.kind, input=os.path.abspath(args.input)))
+                    source=dict(kind=args.kind, input=os.path.abspath(args.input)),
+                    batch_stats=unflatten(converted.batch_stats))
     count = sum(int(np.prod(v.shape)) for v in converted.params.values())
     print(f"Wrote {len(converted.params)} arrays ({count:,} parameters) to {os.path.abspath(args.output)}")
     print(json.dumps(converted.model_config, indent=2, sort_keys=True))

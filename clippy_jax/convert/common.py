@@ -2,7 +2,8 @@
 report of missing, unexpected and mis-shaped keys, and the orbax format they write.
 
 A converted checkpoint is a directory with `params/` (an orbax `StandardCheckpointer` save of a
-subtree of the `TwoTower` parameters, e.g. only `image_tower`) and `model_config.json` (the
+subtree of the `TwoTower` parameters, e.g. only `image_tower`), for a tower with BatchNorm
+`batch_stats/` (the same for its `batch_stats` collection), and `model_config.json` (the
 `config.model` entries the weights imply, plus the source it came from).
 """
 
@@ -20,6 +21,7 @@ from absl import logging
 from flax import traverse_util
 
 PARAMS_DIR = "params"
+BATCH_STATS_DIR = "batch_stats"
 CONFIG_FILE = "model_config.json"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -30,17 +32,19 @@ Rule = tuple[str, str, Callable[[np.ndarray], np.ndarray]]
 @dataclasses.dataclass
 class Converted:
     """An importer's result: flat {TwoTower parameter path: array}, the `config.model` entries the
-    weights imply, and the keys that did not line up."""
+    weights imply, the keys that did not line up, and flat BatchNorm statistics (`batch_stats`)."""
 
     params: dict[str, np.ndarray]
     model_config: dict
     report: "KeyReport"
+    batch_stats: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def merged(self, other: "Converted") -> "Converted":
         return Converted(
             {**self.params, **other.params},
             {**self.model_config, **other.model_config},
             self.report.merged(other.report),
+            {**self.batch_stats, **other.batch_stats},
         )
 
 
@@ -244,12 +248,16 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
     return traverse_util.unflatten_dict({tuple(k.split("/")): np.asarray(v, np.float32) for k, v in flat.items()})
 
 
-def save_pretrained(directory: str, params: Mapping, model_config: Mapping, source: Mapping) -> None:
-    """Writes `params/` (orbax) and `model_config.json` under `directory`."""
+def save_pretrained(
+    directory: str, params: Mapping, model_config: Mapping, source: Mapping, batch_stats: Mapping | None = None
+) -> None:
+    """Writes `params/` (orbax), `batch_stats/` when given (non-empty), and `model_config.json` under `directory`."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+        if batch_stats:
+            checkpointer.save(os.path.join(directory, BATCH_STATS_DIR), batch_stats, force=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(dict(model=model_config, source=dict(source)), f, indent=2, sort_keys=True)
 
@@ -266,6 +274,16 @@ def load_pretrained(directory: str) -> tuple[dict, dict]:
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(directory, PARAMS_DIR))
     return jax.tree.map(np.asarray, params), model_config
+
+
+def load_pretrained_batch_stats(directory: str) -> dict:
+    """A converted checkpoint's BatchNorm statistics subtree (numpy), {} for towers without BatchNorm;
+    `merge_pretrained(batch_stats, subtree)` puts them into the model's `batch_stats` collection."""
+    path = os.path.join(os.path.abspath(directory), BATCH_STATS_DIR)
+    if not os.path.isdir(path):
+        return {}
+    with ocp.StandardCheckpointer() as checkpointer:
+        return jax.tree.map(np.asarray, checkpointer.restore(path))
 
 
 def merge_pretrained(params: Mapping, pretrained: Mapping, strict: bool = True) -> dict:

@@ -9,10 +9,8 @@ Stages (one process):
                               block. Every random draw is stateless from (seed, process_index,
                               position), so the stream is a pure function of the seed
   window + interleave(decode) windows of DECODE_WINDOW examples decoded in parallel, in order;
-                              an image that fails to decode raises and is dropped inside its
-                              window (`ignore_errors`), leaving a gap in the positions
+                              an image that fails to decode becomes a BAD_IMAGE status element
   scan(count)                 sequential: cumulative skip counters per reason, from the statuses
-                              and from position gaps (undecodable images)
   filter(status == OK)
   map(prepare)                caption draw, resize, crop, normalise, patch dropping
   batch + map(tokenize)       the counters and position of the batch's last example ride along
@@ -106,25 +104,29 @@ def _decode(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 
 def _decoded(window: dict[str, tf.data.Dataset]) -> tf.data.Dataset:
-    """The window's examples, decoded, without those whose image does not decode.
+    """The window's examples, decoded; an example whose image does not decode becomes a BAD_IMAGE status
+    element, counted in order like every other skip.
 
-    The errors are ignored inside the window, whose elements are already in memory, so that errors
-    from the stages before (a shard that changed since start-up) stop the pipeline: `ignore_errors`
-    on the whole stream would retry a failing reader forever.
+    The decoding error is caught per example (`ignore_errors` on a one-example dataset, the status
+    element in its place), so that errors from the stages before (a shard that changed since start-up)
+    still stop the pipeline: `ignore_errors` on the whole stream would retry a failing reader forever.
     """
-    return tf.data.Dataset.zip(window).map(_decode).ignore_errors()
+    def decode_or_status(example: dict[str, tf.Tensor]) -> tf.data.Dataset:
+        undecodable = dict(example, status=tf.constant(sources.BAD_IMAGE, tf.int32),
+                           image=tf.zeros([1, 1, 3], tf.uint8))
+        decoded = tf.data.Dataset.from_tensors(example).map(_decode).ignore_errors()
+        return decoded.concatenate(tf.data.Dataset.from_tensors(undecodable)).take(1)
+
+    return tf.data.Dataset.zip(window).flat_map(decode_or_status)
 
 
-def _count(state: tuple[tf.Tensor, tf.Tensor, tf.Tensor], example: dict[str, tf.Tensor]):
-    """Adds the example's own skip reason, and the undecodable images just before it, to the counters;
-    `run` counts the records skipped since the last usable one."""
-    counts, last_position, run = state
-    reasons = len(sources.REASONS)
-    undecodable = tf.cast(example["position"] - last_position - 1, tf.int32)
-    counts += undecodable * tf.one_hot(sources.BAD_IMAGE - 1, reasons, dtype=tf.int32)
-    counts += tf.one_hot(example["status"] - 1, reasons, dtype=tf.int32)  # OK (0) adds nothing
-    run = tf.where(example["status"] == sources.OK, 0, run + undecodable + 1)
-    return (counts, example["position"], run), dict(example, skipped=counts, run=run)
+def _count(state: tuple[tf.Tensor, tf.Tensor], example: dict[str, tf.Tensor]):
+    """Adds the example's skip reason to the counters; `run` counts the records skipped since the last
+    usable one."""
+    counts, run = state
+    counts += tf.one_hot(example["status"] - 1, len(sources.REASONS), dtype=tf.int32)  # OK (0) adds nothing
+    run = tf.where(example["status"] == sources.OK, 0, run + 1)
+    return (counts, run), dict(example, skipped=counts, run=run)
 
 
 def _check_skips(example: dict[str, tf.Tensor], limit: int) -> dict[str, tf.Tensor]:
@@ -138,7 +140,8 @@ def _check_skips(example: dict[str, tf.Tensor], limit: int) -> dict[str, tf.Tens
 @dataclasses.dataclass(frozen=True)
 class Start:
     """Where a stream starts: `skip` examples into `block`, whose source reader state is `source_state`
-    (None: the beginning of the stream), with the counting scan's state (`skipped`, `last_position`)."""
+    (None: the beginning of the stream), with the skip counters so far (`skipped`) and the position of
+    the last example delivered (`last_position`)."""
 
     block: int = 0
     skip: int = 0
@@ -288,8 +291,7 @@ def train_dataset(
         decoded = examples.window(DECODE_WINDOW).interleave(
             _decoded, cycle_length=AUTOTUNE, block_length=DECODE_WINDOW, num_parallel_calls=AUTOTUNE,
             deterministic=True)
-        initial = (tf.constant(start.skipped, tf.int32), tf.constant(start.last_position, tf.int64),
-                   tf.constant(0, tf.int32))
+        initial = (tf.constant(start.skipped, tf.int32), tf.constant(0, tf.int32))
         counted = decoded.scan(initial, _count).map(lambda example: _check_skips(example, config.max_consecutive_skips))
         counted = counted.filter(lambda example: example["status"] == sources.OK)
         ready = counted.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)

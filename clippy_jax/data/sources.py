@@ -5,7 +5,7 @@
 are not dropped here but kept as small status elements (empty image and captions), so that the
 pipeline can count them in order (see `pipeline.py`):
 
-- `BAD_IMAGE`: no image bytes under any of the image keys (undecodable bytes are found later);
+- `BAD_IMAGE`: no image bytes under any of the image keys (undecodable bytes are found when decoding);
 - `EMPTY_CAPTION`: no caption that is non-empty after stripping whitespace (paper appendix C);
 - `BAD_SHARD`: one per pass over a shard that could not be read to its end (missing, truncated or
   corrupt); the examples read before the fault are kept.
@@ -14,13 +14,14 @@ File sources list their shards with `tf.io.gfile` (local paths or `gs://`), give
 disjoint subset (`files[process_index::process_count]`), reshuffle the shard order every epoch
 and interleave `data.interleave` shards at a time, all from the seed, so the stream is
 deterministic and its iterator can be checkpointed. Shard sizes are read once at start-up: a
-shard is complete when its records account for every byte. A shard deleted since start-up reads
+shard is complete when its records account for every byte. The start-up reads (sizes, the first
+shard's keys and images) wait at most `data.max_input_wait_seconds`, then name the shards that did
+not answer. A shard deleted since start-up reads
 as empty; one that exists but cannot be opened is an error that tf.data's `ignore_errors` (used
 for TFRecord read errors) would retry forever, so make shards readable before training.
 """
 
 import collections
-import concurrent.futures
 import json
 import re
 import tarfile
@@ -29,7 +30,8 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-from clippy_jax.data import tar
+from clippy_jax.data import preprocess, tar
+from clippy_jax.deadlines import DeadlineExceeded, call_with_deadline, map_with_deadline
 
 AUTOTUNE = tf.data.AUTOTUNE
 OK, BAD_IMAGE, EMPTY_CAPTION, BAD_SHARD = range(4)
@@ -46,7 +48,8 @@ _STAT_THREADS = 32
 
 # Bad shards named in the log per reason at start-up.
 _NAMED_BAD_SHARDS = 3
-# Members (tar) or records (TFRecord) of the first readable shard listed when checking the keys.
+# Members (tar) or records (TFRecord) of the first readable shard listed when checking the keys, and
+# examples whose images are decoded: if none decodes, the run stops at start-up.
 _PROBE_MEMBERS = 64
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -174,17 +177,53 @@ def _json_fields(path: str, extension: str) -> set[str]:
     return set()
 
 
+def _waited(read, seconds: float | None, path: str):
+    """read() of the shard `path` under the start-up deadline; DataError naming the shard if it does not answer."""
+    try:
+        return call_with_deadline(read, seconds, path)
+    except DeadlineExceeded:
+        raise DataError(f"The shard {path} did not answer within data.max_input_wait_seconds={seconds:g} s (a stalled "
+                        "network mount, or a pipe): make it readable, or leave it out of config.data.train_pattern."
+                        ) from None
+
+
+def _undecodable(config: ml_collections.ConfigDict, path: str, size: int, image_keys: tuple[str, ...],
+                 text_keys: tuple[tuple[str, str], ...]) -> tuple[int, int, str]:
+    """(images tried, images that do not decode, the first decoding error) over the first examples of a shard."""
+    read = _webdataset_shard if config.source == "webdataset" else _tfrecord_shard
+    tried, failed, first_error = 0, 0, ""
+    for example in read(tf.constant(path), tf.constant(size, tf.int64), image_keys, text_keys).take(_PROBE_MEMBERS):
+        if int(example["status"]) != OK or not example["image"].numpy():
+            continue
+        tried += 1
+        try:
+            preprocess.decode_rgb(example["image"])
+        except tf.errors.InvalidArgumentError as error:
+            failed += 1
+            first_error = first_error or re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message.strip())
+    return tried, failed, first_error
+
+
 def check_shards(config: ml_collections.ConfigDict, files: list[str], image_keys: tuple[str, ...],
                  text_keys: tuple[tuple[str, str], ...]) -> list[int]:
     """The byte sizes of `files` (-1: cannot be read, counted as a bad shard), after naming the bad
-    shards in the log and checking that the first readable shard holds the configured keys.
+    shards in the log and checking that the first readable shard holds the configured keys and
+    images that decode.
 
-    Raises DataError, naming the pattern and what the files hold, when no shard is readable or the
-    first readable shard has none of the image keys or none of the caption keys.
+    Raises DataError, naming the pattern and what the files hold, when no shard is readable, the
+    first readable shard has none of the image keys or none of the caption keys, none of its first
+    images decodes, or a shard does not answer within `data.max_input_wait_seconds`.
     """
     tar_format = config.source == "webdataset"
-    with concurrent.futures.ThreadPoolExecutor(_STAT_THREADS) as pool:
-        checked = list(pool.map(lambda path: _shard_fault(path, tar_format), files))
+    wait = config.get("max_input_wait_seconds")
+    logging.info("Checking the %d shards of %r (a shard that does not answer within %s s is named).", len(files),
+                 config.train_pattern, wait)
+    try:
+        checked = map_with_deadline(lambda path: _shard_fault(path, tar_format), files, wait, _STAT_THREADS)
+    except DeadlineExceeded as error:
+        raise DataError(f"Shards of config.data.train_pattern={config.train_pattern!r} did not answer "
+                        f"(data.max_input_wait_seconds): {error}; make them readable (a stalled network mount, or "
+                        "a pipe?) or leave them out of the pattern.") from None
     faults = collections.defaultdict(list)
     for path, (_, fault) in zip(files, checked):
         if fault:
@@ -193,13 +232,14 @@ def check_shards(config: ml_collections.ConfigDict, files: list[str], image_keys
         logging.warning("%d of %d shards of %r are %s and will be counted as bad shards: %s%s", len(paths),
                         len(files), config.train_pattern, fault, ", ".join(paths[:_NAMED_BAD_SHARDS]),
                         ", ..." if len(paths) > _NAMED_BAD_SHARDS else "")
-    readable = [path for path, (_, fault) in zip(files, checked) if not fault]
+    readable = [(path, size) for path, (size, fault) in zip(files, checked) if not fault]
     kind = "uncompressed WebDataset tars" if tar_format else "TFRecord files"
     if not readable:
         found = "; ".join(f"{len(paths)} {fault} (e.g. {paths[0]})" for fault, paths in faults.items())
         raise DataError(f"None of the {len(files)} files of config.data.train_pattern={config.train_pattern!r} is "
                         f"readable as {kind} (config.data.source={config.source!r}): {found}.")
-    held = _first_members(readable[0], tar_format)
+    first, first_size = readable[0]
+    held = _waited(lambda: _first_members(first, tar_format), wait, first)
     what = "member extensions" if tar_format else "features"
     present = {name.lower() for name in held} if tar_format else set(held)
 
@@ -208,18 +248,25 @@ def check_shards(config: ml_collections.ConfigDict, files: list[str], image_keys
 
     if held and not any(key_of(k) in present for k in image_keys):
         raise DataError(f"config.data.image_key={config.image_key!r} matches none of the {what} {held} of "
-                        f"{readable[0]} (the first readable shard of {config.train_pattern!r}); name the image "
+                        f"{first} (the first readable shard of {config.train_pattern!r}); name the image "
                         f"{what[:-1]}, e.g. --config.data.image_key={_guess(held, _IMAGE_EXTENSIONS)}.")
     if held and not any(key_of(k) in present for k, _ in text_keys):
         raise DataError(f"config.data.text_key={config.text_key!r} matches none of the {what} {held} of "
-                        f"{readable[0]} (the first readable shard of {config.train_pattern!r}); name the caption "
+                        f"{first} (the first readable shard of {config.train_pattern!r}); name the caption "
                         f"{what[:-1]}, e.g. --config.data.text_key={_guess(held, _TEXT_EXTENSIONS)}.")
     for key, field in text_keys:
         if tar_format and field and key.lower() in present:
-            fields = _json_fields(readable[0], key.lower())
+            fields = _waited(lambda: _json_fields(first, key.lower()), wait, first)  # noqa: B023 (called at once)
             if fields and field not in fields:
-                raise DataError(f"config.data.text_key={config.text_key!r}: the {key!r} members of {readable[0]} "
+                raise DataError(f"config.data.text_key={config.text_key!r}: the {key!r} members of {first} "
                                 f"have no field {field!r}; their fields are {sorted(fields)}.")
+    tried, failed, first_error = _waited(lambda: _undecodable(config, first, first_size, image_keys, text_keys),
+                                         wait, first)
+    if tried and failed == tried:
+        raise DataError(f"None of the first {tried} images of {first} (the first readable shard of "
+                        f"{config.train_pattern!r}) decodes (bad_image={failed}; the first error: {first_error}); "
+                        f"check that config.data.image_key={config.image_key!r} names the image {what[:-1]}, or "
+                        "rewrite the shards.")
     return [size if not fault else -1 for size, fault in checked]
 
 
@@ -239,11 +286,18 @@ def describe(config: ml_collections.ConfigDict) -> str:
     if config.source not in FILE_SOURCES:
         return f"config.data.source={config.source!r} (tfds_name={config.tfds_name!r}), {keys}."
     files = sorted(tf.io.gfile.glob(config.train_pattern))
-    tar_format = config.source == "webdataset"
-    readable = [path for path in files[:_PROBE_MEMBERS] if not _shard_fault(path, tar_format)[1]]
+    tar_format, wait = config.source == "webdataset", config.get("max_input_wait_seconds")
     what = "member extensions" if tar_format else "features"
-    held = f"its first readable shard {readable[0]} holds the {what} {_first_members(readable[0], tar_format)}" \
-        if readable else "none of its first shards is readable"
+    try:
+        faults = map_with_deadline(lambda path: _shard_fault(path, tar_format), files[:_PROBE_MEMBERS], wait,
+                                   _STAT_THREADS)
+        readable = [path for path, (_, fault) in zip(files, faults) if not fault]
+        held = "none of its first shards is readable"
+        if readable:
+            members = call_with_deadline(lambda: _first_members(readable[0], tar_format), wait, readable[0])
+            held = f"its first readable shard {readable[0]} holds the {what} {members}"
+    except DeadlineExceeded as error:
+        held = f"its shards do not answer ({error})"
     return (f"config.data.source={config.source!r}, train_pattern={config.train_pattern!r} ({len(files)} files), "
             f"{keys}; {held}.")
 
@@ -301,7 +355,8 @@ def _tfrecord_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, ...
         return total, (example, ~last | (total != tf.cast(size, tf.int64)))
 
     checked = records.concatenate(end).scan(tf.constant(0, tf.int64), account)
-    return checked.filter(lambda example, keep: keep).map(lambda example, keep: example)
+    kept = checked.filter(lambda example, keep: keep)
+    return kept.map(lambda example, _: example)  # one lambda a line: AutoGraph tells them apart by source line
 
 
 def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, ...],

@@ -46,7 +46,13 @@ class Tokenizer:
 
     def __init__(self, model_path: str, max_length: int):
         self.model_proto = epath.Path(model_path).read_bytes()
-        self.processor = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        try:
+            self.processor = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        except RuntimeError:
+            self.processor = None
+        if self.processor is None or not self.processor.get_piece_size():
+            raise ValueError(f"{model_path} is not a SentencePiece model (its {len(self.model_proto)} bytes do not "
+                             "parse as one)")
         self.max_length = max_length
         if self.processor.pad_id() != PAD_ID or self.processor.eos_id() != EOS_ID:
             raise ValueError(

@@ -16,7 +16,7 @@ from absl import logging
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from clippy_jax import checkpoints, config_checks, sharding
+from clippy_jax import checkpoints, config_checks, deadlines, sharding
 from clippy_jax.convert import load_pretrained, merge_pretrained
 from clippy_jax.data import demo_data, pipeline, sources
 from clippy_jax.data.tokenizer import Tokenizer
@@ -121,6 +121,21 @@ def _resolved(config: ml_collections.ConfigDict, workdir: str) -> ml_collections
     return resolved
 
 
+def load_tokenizer(data: ml_collections.ConfigDict, wait_seconds: float | None) -> Tokenizer:
+    """The tokenizer of `data.tokenizer_path`, read under the start-up deadline; ConfigError naming the setting."""
+    try:
+        return deadlines.call_with_deadline(lambda: Tokenizer(data.tokenizer_path, data.max_text_length),
+                                            wait_seconds, data.tokenizer_path)
+    except deadlines.DeadlineExceeded:
+        raise config_checks.ConfigError(
+            f"config.data.tokenizer_path={data.tokenizer_path!r} did not answer within "
+            f"data.max_input_wait_seconds={wait_seconds:g} s; make the file readable.") from None
+    except (ValueError, OSError, RuntimeError, tf.errors.OpError) as error:
+        raise config_checks.ConfigError(
+            f"config.data.tokenizer_path={data.tokenizer_path!r} cannot be used: {str(error).rstrip('.')}; pass a "
+            "SentencePiece model file (e.g. T5's spiece.model).") from None
+
+
 def _keep_tokenizer(tokenizer_path: str, workdir: str) -> None:
     """Copies the tokenizer into the workdir, so that the workdir alone loads the model."""
     copy = checkpoints.tokenizer_file(workdir)
@@ -152,17 +167,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
                      "evaluate again, or raise --config.train.steps to train further.", total_steps, total_steps)
         _log_where(workdir, total_steps)
         return finished["evaluations"]
-    checkpointer = checkpoints.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints)
+    checkpointer = checkpoints.Checkpointer(workdir, config.train.checkpoint_every, config.train.keep_checkpoints,
+                                            config.data.max_input_wait_seconds)
+    interrupted = lambda: preemption.requested  # noqa: E731 (a stop request is not a corrupt checkpoint)
     resolved = _resolved(config, workdir)
     settings = config_checks.flatten(resolved)
-    if checkpointer.steps():
-        latest = checkpointer.steps()[0]
-        saved = checkpointer.saved_config(latest)
+    newest = checkpointer.newest_config(interrupted)
+    if newest is not None:
+        latest, saved = newest
         config_checks.check_resume(settings, None if saved is None else config_checks.flatten(saved), workdir,
                                    latest, total_steps)
     data_config = demo_data.prepare_data(resolved.data)
+    tokenizer = load_tokenizer(data_config, config.data.max_input_wait_seconds)
     _keep_tokenizer(data_config.tokenizer_path, workdir)
-    tokenizer = Tokenizer(data_config.tokenizer_path, config.data.max_text_length)
     config_checks.check_vocab(config, tokenizer.vocab_size)
     model = build_model(config.model, tokenizer.vocab_size)
     mesh = sharding.make_mesh(config.mesh)
@@ -179,7 +196,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, preempt
         {k: np.zeros(v.shape, v.dtype.as_numpy_dtype) for k, v in dataset.element_spec.items()}, jax.process_count()
     )
     state, state_shardings = create_train_state(model, tx, example, mesh, config.seed, grid_shape)
-    restored = checkpointer.restore(state, iterator)
+    try:
+        restored = checkpointer.restore(state, iterator, interrupted)
+    except checkpoints.StateMismatchError as error:
+        raise config_checks.state_mismatch(config, error, workdir, recorded=newest[1] is not None) from None
     if restored is not None:
         state = restored
     else:
