@@ -11,14 +11,17 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 # The package is installed editable (`pip install -e .`, dependencies from requirements.txt), so that
 # `import clippy_jax` and the console commands (clippy-train, clippy-segment, ...) work from any folder.
+# setuptools' "Editable installation" note (a box of asterisks, not an error) is filtered out.
+NO_EDITABLE_NOTE := PYTHONWARNINGS="ignore:Editable installation"
+
 $(VENV)/.core-installed: pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(NO_EDITABLE_NOTE) $(PY) -m pip install --quiet -e .
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.core-installed requirements-test.txt requirements-convert.txt requirements-aot.txt
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(NO_EDITABLE_NOTE) $(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
 demo: $(VENV)/.core-installed

@@ -26,16 +26,19 @@ import os
 import time
 import zipfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from clippy_jax.data.pipeline import InputIterator
 from clippy_jax.deadlines import call_with_deadline
+
+if TYPE_CHECKING:  # reading checkpoints (evaluation, inference) needs neither tf.data nor TensorFlow
+    from clippy_jax.data.pipeline import InputIterator
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_ITEM = "default"  # the name CheckpointManager gives a single item, kept for older checkpoints
@@ -108,6 +111,11 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def _tensorflow_error(error: BaseException, names: tuple[str, ...]) -> bool:
+    """Whether `error` is one of TensorFlow's errors `names` (matched by name: checkpoints load without TensorFlow)."""
+    return type(error).__module__.startswith("tensorflow") and type(error).__name__ in names
+
+
 def unreadable_reason(error: BaseException) -> str | None:
     """Why a checkpoint's bytes are bad, if `error` (or an error it came from) says so; None otherwise."""
     for cause in _chain(error):
@@ -115,8 +123,8 @@ def unreadable_reason(error: BaseException) -> str | None:
             return f"not UTF-8 text: {_first_line(cause)}"
         if isinstance(cause, json.JSONDecodeError):
             return f"not valid JSON: {_first_line(cause)}"
-        if isinstance(cause, FileNotFoundError | tf.errors.NotFoundError | tf.errors.DataLossError |
-                      zipfile.BadZipFile | EOFError):
+        if isinstance(cause, FileNotFoundError | zipfile.BadZipFile | EOFError) or _tensorflow_error(
+                cause, ("NotFoundError", "DataLossError")):
             return _first_line(cause)
         if isinstance(cause, ValueError) and str(cause).startswith(_BAD_BYTES_CODES):
             return _first_line(cause)
@@ -126,8 +134,8 @@ def unreadable_reason(error: BaseException) -> str | None:
 def _transient(error: BaseException) -> bool:
     """Whether `error` says that the storage did not answer (worth a retry), not that the bytes are bad."""
     for cause in _chain(error):
-        if isinstance(cause, TimeoutError | ConnectionError | tf.errors.UnavailableError |
-                      tf.errors.DeadlineExceededError):
+        if isinstance(cause, TimeoutError | ConnectionError) or _tensorflow_error(
+                cause, ("UnavailableError", "DeadlineExceededError")):
             return True
         if isinstance(cause, OSError) and cause.errno in _TRANSIENT_ERRNOS:
             return True
@@ -198,7 +206,7 @@ class Checkpointer:
                 self._set_aside(step, error)
         return None
 
-    def restore(self, abstract_state, iterator: InputIterator | None, interrupted: Callable[[], bool]):
+    def restore(self, abstract_state, iterator: "InputIterator | None", interrupted: Callable[[], bool]):
         """Restores the newest readable step into `abstract_state`'s shapes and shardings; None if none.
 
         A step whose bytes are bad (`unreadable_reason`: a missing or undecodable file) is reported by
@@ -271,9 +279,9 @@ class Checkpointer:
         if saved != expected:
             raise StateMismatchError(step, os.path.join(self.directory, str(step)), saved, expected)
 
-    def _restore_iterator(self, step: int, iterator: InputIterator) -> None:
+    def _restore_iterator(self, step: int, iterator: "InputIterator") -> None:
         data_dir = self._data_dir(step)
-        if not tf.io.gfile.exists(data_dir):
+        if not epath.Path(data_dir).exists():
             raise FileNotFoundError(f"no input iterator state at {data_dir}")
         iterator.restore(data_dir)
 
@@ -282,11 +290,11 @@ class Checkpointer:
         path = os.path.join(self.directory, str(step))
         moved = f"{path}.unreadable"
         for number in itertools.count(2):
-            if not tf.io.gfile.exists(moved):
+            if not epath.Path(moved).exists():
                 break
             moved = f"{path}.unreadable.{number}"
         if jax.process_index() == 0:
-            tf.io.gfile.rename(path, moved)
+            epath.Path(path).rename(moved)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
         self.manager.reload()
@@ -294,7 +302,7 @@ class Checkpointer:
         logging.warning("%s; it is renamed %s and %s.", error, moved,
                         f"training resumes from step {older[0]}" if older else "training starts afresh")
 
-    def save(self, step: int, state, config: ml_collections.ConfigDict, iterator: InputIterator | None,
+    def save(self, step: int, state, config: ml_collections.ConfigDict, iterator: "InputIterator | None",
              force: bool = False) -> bool:
         """Saves `state` with `config` if `step` is on the save interval (or `force`); returns whether it saved."""
         if not (force or self.manager.should_save(step)) or step in self.manager.all_steps():
@@ -308,12 +316,11 @@ class Checkpointer:
 
     def _prune_data_states(self, keep: set[int]) -> None:
         root = os.path.join(self.directory, "data")
-        if jax.process_index() != 0 or not tf.io.gfile.exists(root):
+        if jax.process_index() != 0 or not epath.Path(root).exists():
             return
-        for name in tf.io.gfile.listdir(root):
-            name = name.rstrip("/")
-            if name.isdigit() and int(name) not in keep:
-                tf.io.gfile.rmtree(os.path.join(root, name))
+        for child in epath.Path(root).iterdir():
+            if child.name.isdigit() and int(child.name) not in keep:
+                child.rmtree()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -326,11 +333,11 @@ def find_step_dir(path: str) -> str | None:
     """The step folder to read for a training workdir (its newest step), its checkpoints folder or one
     step folder; None if `path` is none of these."""
     for directory in (checkpoint_dir(path), path):
-        if tf.io.gfile.exists(os.path.join(directory, STATE_ITEM)):
+        if epath.Path(directory, STATE_ITEM).exists():
             return directory
-        if tf.io.gfile.isdir(directory):
-            steps = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(directory) if n.rstrip("/").isdigit()]
-            steps = [s for s in steps if tf.io.gfile.exists(os.path.join(directory, str(s), STATE_ITEM))]
+        if epath.Path(directory).is_dir():
+            steps = [int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit()]
+            steps = [s for s in steps if epath.Path(directory, str(s), STATE_ITEM).exists()]
             if steps:
                 return os.path.join(directory, str(max(steps)))
     return None
@@ -349,7 +356,7 @@ def _composite_checkpointer() -> ocp.Checkpointer:
 def read_config(step_path: str) -> ml_collections.ConfigDict | None:
     """The config recorded with a step folder, or None if it has none (written before configs were recorded).
     Raises UnreadableCheckpointError, naming the file, if its bytes are bad."""
-    if not tf.io.gfile.exists(os.path.join(step_path, CONFIG_ITEM)):
+    if not epath.Path(step_path, CONFIG_ITEM).exists():
         return None
     try:
         restored = _composite_checkpointer().restore(step_path, args=ocp.args.Composite(

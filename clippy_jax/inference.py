@@ -6,7 +6,7 @@
     image = read_image("photo.jpg")              # or a numpy array / PIL image (see below)
     out = clippy.segment(image, ["zebra", "tiger", ["grass", "sand"]], render=True)
     out.labels          # int [H, W]: index of the best label at every pixel
-    out.overlay         # uint8 [H, W, 3]: the labels over the image, with a legend
+    out.overlay         # uint8 figure: the labels over the image (small ones enlarged), a legend beside it
     clippy.group(image, num_groups=4).groups           # int [H, W] PCA groups
     clippy.classify(image, ["a zebra", "a tiger"]).probabilities
     clippy.segment([photo_a, photo_b], prompts)        # a list of images of any sizes: a list of results
@@ -38,19 +38,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
-from PIL import Image, ImageOps
+from etils import epath
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clippy_jax import platforms
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import geometry, grouping, loading, zero_shot
 from clippy_jax.evaluate.geometry import CLIP_MEAN, CLIP_STD
-from clippy_jax.evaluate.render import classification_figure, labelled_overlay, palette
+from clippy_jax.evaluate.render import classification_figure, color_name, labelled_overlay, palette
 from clippy_jax.models import as_variables, towers
 
 CONVERTED_IMAGE_SIZE = 448  # the released CLIPpy checkpoints' evaluation resolution (paper Sec. 4)
 MAX_ASPECT_RATIO = 8.0
 DEFAULT_MAX_BYTES = 2 << 30
+LABELS_TITLE = "label: share of the image"
 _FLOAT_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding
 
 
@@ -59,7 +60,7 @@ class Segmentation:
     labels: np.ndarray  # int [H, W]: index into `names`
     scores: np.ndarray  # float [H, W, C]: cosine similarity to each label, upsampled
     names: list[str]
-    overlay: np.ndarray | None = None  # uint8 [H, W, 3]
+    overlay: np.ndarray | None = None  # uint8 figure (`render.labelled_overlay`)
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ class Grouping:
     groups: np.ndarray  # int [H, W]: index of the PCA half-axis (+v1, -v1, +v2, ...) of every pixel
     scores: np.ndarray  # float [H, W, G]: projections on the half-axes, upsampled
     names: list[str]
-    overlay: np.ndarray | None = None  # uint8 [H, W, 3]
+    overlay: np.ndarray | None = None  # uint8 figure (`render.labelled_overlay`)
 
 
 @dataclasses.dataclass
@@ -79,9 +80,23 @@ class Classification:
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of an image file (any format and mode PIL reads; EXIF orientation applied)."""
-    with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as image:
-        return as_rgb(image, f"image file {path!r}")
+    """uint8 RGB [H, W, 3] of an image file (any format and mode PIL reads; EXIF orientation applied).
+    Errors name `path`: FileNotFoundError (does not exist), IsADirectoryError, or ValueError (not an
+    image, truncated or corrupt, or a shape the model does not take)."""
+    file = epath.Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not an image file.")
+    if not file.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    with file.open("rb") as f:
+        try:
+            with Image.open(f) as image:
+                return as_rgb(image, f"image file {path}")
+        except UnidentifiedImageError:
+            raise ValueError(f"{path} is not an image (no format PIL reads: JPEG, PNG, WebP, ...).") from None
+        except (OSError, SyntaxError) as error:  # PIL's decoders on damaged data
+            what = "is truncated" if "truncated" in str(error).lower() else "is corrupt"
+            raise ValueError(f"{path} {what} ({error}); save or download it again.") from None
 
 
 def _check_shape(shape: Sequence[int], name: str) -> None:
@@ -147,10 +162,10 @@ def bucketed_shape(shape: Sequence[int], short_side: int, patch_size: int) -> tu
     return (short, long) if shape[0] <= shape[1] else (long, short)
 
 
-def _eager_resize(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of [..., h, w, K] maps: TensorFlow's eager op (the same half-pixel bilinear
-    interpolation as jax.image.resize) compiles nothing per image size."""
-    return tf.image.resize(scores, shape, method="bilinear").numpy()
+def _upsample(scores: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of [..., h, w, K] score maps in numpy (`geometry.upsample`'s interpolation): nothing
+    compiles per image size, and the full-resolution maps stay off the accelerator."""
+    return geometry.resize(scores, shape, antialias=False)
 
 
 def _prompt_groups(prompts: Sequence[str | Sequence[str]], name: str) -> tuple[list[list[str]], list[str]]:
@@ -177,8 +192,10 @@ class Clippy:
 
     def __init__(self, model: nn.Module, params, tokenizer: Tokenizer, mean: Sequence[float] = CLIP_MEAN,
                  std: Sequence[float] = CLIP_STD, image_size: int = CONVERTED_IMAGE_SIZE, window: int = 0,
-                 stride: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, device: jax.Device | None = None):
+                 stride: int = 0, max_bytes: int = DEFAULT_MAX_BYTES, device: jax.Device | None = None,
+                 data_config: ml_collections.ConfigDict | None = None):
         self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.data_config = data_config  # the training run's data settings; None for converted checkpoints
         self.mean, self.std = tuple(mean), tuple(std)
         self.patch_size = towers.size_multiple(model.image)  # a ViT's patch size, a CNN's stride
         if image_size < self.patch_size:
@@ -204,8 +221,9 @@ class Clippy:
         ))
         loaded = loading.load(config)
         image_size = image_size or loaded.data_config.get("image_size", CONVERTED_IMAGE_SIZE)
+        trained_on = loaded.data_config if loaded.step else None
         return cls(loaded.model, loaded.params, loaded.tokenizer, loaded.data_config.mean, loaded.data_config.std,
-                   image_size=image_size, **settings)
+                   image_size=image_size, data_config=trained_on, **settings)
 
     def _check_budget(self, shape: Sequence[int], num_maps: int, name: str) -> None:
         needed = shape[0] * shape[1] * (num_maps + 4) * 4
@@ -243,7 +261,7 @@ class Clippy:
         dense = jnp.concatenate([self._dense(self.params, pixels[i:i + 1]) for i in range(len(pixels))])
         scores = np.asarray(head(dense))
         return np.asarray(geometry.to_label_resolution(scores, boxes, resized, geo.window_shape, image.shape[:2],
-                                                       resize=_eager_resize))
+                                                       resize=_upsample))
 
     def label_embeddings(self, prompts: Sequence[Sequence[str]], templates: Sequence[str] = ("{}",)) -> jax.Array:
         return zero_shot.label_embeddings(self.model, self.params, self.tokenizer, prompts, templates)
@@ -265,7 +283,7 @@ class Clippy:
         for image in checked:
             scores = self._score_map(image, lambda dense: zero_shot.location_logits(dense, label_emb))
             labels = scores.argmax(-1)
-            overlay = labelled_overlay(image, labels, names, colors) if render else None
+            overlay = labelled_overlay(image, labels, names, colors, title=LABELS_TITLE) if render else None
             results.append(Segmentation(labels, scores, names, overlay))
         return results[0] if single else results
 
@@ -282,11 +300,13 @@ class Clippy:
 
         names = [f"group {i + 1}" for i in range(num_groups)]
         colors = palette(num_groups + 1)[1:]
+        legend = [f"{name} ({color_name(i + 1)})" for i, name in enumerate(names)]
+        title = f"{num_groups} PCA groups of the features: share of the image"
         results = []
         for image in checked:
             scores = self._score_map(image, head)
             groups = scores.argmax(-1)
-            overlay = labelled_overlay(image, groups, names, colors) if render else None
+            overlay = labelled_overlay(image, groups, legend, colors, title=title) if render else None
             results.append(Grouping(groups, scores, names, overlay))
         return results[0] if single else results
 

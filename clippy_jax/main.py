@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from clippy_jax import config_checks, distributed, logs
+from clippy_jax import cli, config_checks, distributed, logs
 from clippy_jax.data.pipeline import InputStalledError
 from clippy_jax.data.sources import DataError
 from clippy_jax.evaluate import loading
@@ -32,11 +32,11 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 75
 BAD_INPUT_ERRORS = (config_checks.ConfigError, DataError, InputStalledError, FileNotFoundError)
 
 DEFAULT_CONFIG = "configs/demo.py"
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training configuration file.",
+_CONFIG = config_flags.DEFINE_config_file("config", cli.config_file(DEFAULT_CONFIG), "Training configuration file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "Directory for checkpoints, logs and results.")
 _REEVALUATE = flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise it just exits).")
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "Print the traceback of a failure, not only its one-line message.")
+_TRACEBACK = cli.traceback_flag()
 
 
 def _suggest_huge_pages() -> None:
@@ -85,6 +85,7 @@ def _exit(code: int, message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with a one-line error (exit 2) for a bad flag or config override."""
     try:
+        argv = cli.resolve_config_flags(argv)
         return flags.FLAGS(argv)
     except Exception as error:  # noqa: BLE001 (config files and overrides raise any error)
         chain = [error]
@@ -113,7 +114,7 @@ def _override_naming(argv: list[str], key: str) -> str | None:
 
 def _unknown_key_message(argv: list[str], override: str, key: str) -> str:
     """What an override that names an unknown key could mean: the section's keys, or where the key lives."""
-    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), DEFAULT_CONFIG)
+    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), cli.config_file(DEFAULT_CONFIG))
     root = loading.load_config_file(spec)
     parts = override.split(".")[1:]
     section, config = "config", root
@@ -128,6 +129,7 @@ def _unknown_key_message(argv: list[str], override: str, key: str) -> str:
 def run() -> None:
     """The `clippy-train` console command."""
     jax.config.config_with_absl()
+    cli.list_flags_in_help(__name__)
     app.run(main, flags_parser=_parse_flags)
 
 

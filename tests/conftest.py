@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory):
 def cnn_env(tmp_path_factory) -> dict[str, str]:
     """The environment of the CNN runs: one persistent XLA compilation cache, so that the runs after the first
     load its train step (a minute of XLA:CPU compilation) instead of compiling it again."""
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+    return dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 

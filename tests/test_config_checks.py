@@ -144,16 +144,16 @@ def test_main_refuses_a_positional_argument_with_exit_2_and_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_an_unknown_key_names_its_section_keys_or_where_it_lives(tmp_path):
-    from clippy_jax import main
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--config.optim.lr=1e-3", "--config.optim.lr names an unknown key 'lr' of config.optim; the keys of "
+     "config.optim are b1, b2, eps, grad_accum_steps, grad_clip_norm, learning_rate, warmup_steps, weight_decay."),
+    ("--config.data.patch_size=16", "--config.data.patch_size names an unknown key 'patch_size' of config.data; did "
+     "you mean config.model.image.patch_size?"),
+])
+def test_an_unknown_key_names_its_section_keys_or_where_it_lives(tmp_path, flag, message):
     from tests.helpers import run_main
 
-    result = run_main(str(tmp_path / "w"), "--config.optim.lr=1e-3", check=False, timeout=120)
+    result = run_main(str(tmp_path / "w"), flag, check=False, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "--config.optim.lr names an unknown key 'lr' of config.optim; the keys of config.optim are b1, b2, eps, " \
-           "grad_accum_steps, grad_clip_norm, learning_rate, warmup_steps, weight_decay." in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "w").exists()
-    argv = ["main", "--config=configs/demo.py:size=tiny", "--config.data.patch_size=16"]
-    assert main._unknown_key_message(argv, "config.data.patch_size", "patch_size") == \
-        "--config.data.patch_size names an unknown key 'patch_size' of config.data; did you mean " \
-        "config.model.image.patch_size?"

@@ -1,7 +1,8 @@
 """The inference API on a random-init tiny model saved as a converted checkpoint: what it accepts,
-what it refuses (naming the argument, before any allocation or compilation), overlays at the input's
-resolution, and one compilation per shape bucket."""
+what it refuses (naming the argument, before any allocation or compilation), overlays made to be looked
+at, and one compilation per shape bucket."""
 
+import colorsys
 import os
 import tracemalloc
 
@@ -18,7 +19,7 @@ from clippy_jax.convert import load_pretrained, save_pretrained
 from clippy_jax.data import synthetic
 from clippy_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from clippy_jax.evaluate import loading
-from clippy_jax.evaluate.render import palette
+from clippy_jax.evaluate.render import MIN_DISPLAY_SIDE, labelled_overlay, palette
 from clippy_jax.inference import Clippy
 from clippy_jax.models import build_model
 from tests.helpers import REPO
@@ -55,7 +56,7 @@ def test_segment_any_size_image(clippy):
     assert out.labels.shape == IMAGE.shape[:2] and out.scores.shape == (*IMAGE.shape[:2], 3)
     np.testing.assert_array_equal(out.labels, out.scores.argmax(-1))
     assert out.names == ["zebra", "tiger", "sand"]
-    assert out.overlay.dtype == np.uint8 and out.overlay.shape == IMAGE.shape
+    assert out.overlay.dtype == np.uint8 and out.overlay.shape[0] == IMAGE.shape[0] * 11  # enlarged to >= 384
     permuted = clippy.segment(IMAGE, ["sand", "zebra", ["tiger", "striped tiger"]])
     np.testing.assert_allclose(permuted.scores, out.scores[..., [2, 0, 1]], atol=1e-6)
     assert clippy.segment(IMAGE, ["zebra"]).overlay is None
@@ -66,7 +67,7 @@ def test_group_and_sliding_windows(clippy):
     image = np.random.default_rng(1).integers(0, 256, shape, np.uint8)
     out = clippy.group(image, num_groups=3, render=True)
     assert out.groups.shape == shape[:2] and set(np.unique(out.groups)) <= {0, 1, 2}
-    assert out.overlay.shape == shape and out.names == ["group 1", "group 2", "group 3"]
+    assert out.overlay.shape[0] == shape[0] * 20 and out.names == ["group 1", "group 2", "group 3"]
     sliding = Clippy(clippy.model, clippy.params, clippy.tokenizer, clippy.mean, clippy.std, image_size=32, window=16)
     assert sliding.stride == 10
     assert sliding.segment(image, ["zebra", "sand"]).labels.shape == shape[:2]
@@ -90,16 +91,36 @@ def test_load_errors(converted, tmp_path):
         Clippy.load(str(tmp_path / "train"))
 
 
-def test_overlay_blends_the_labels_at_the_input_resolution_with_a_legend(clippy):
-    image = np.random.default_rng(2).integers(0, 256, (120, 200, 3), np.uint8)
+def test_overlay_of_a_small_image_is_enlarged_with_the_legend_beside_it(clippy):
+    image = np.random.default_rng(2).integers(0, 256, (64, 64, 3), np.uint8)
     out = clippy.segment(image, ["zebra", "sand", "tiger"], background=["floor", "wall"], render=True)
-    assert out.names == ["background", "zebra", "sand", "tiger"] and out.overlay.shape == image.shape
-    colors = palette(4)  # background black, then tab20
-    expected = np.round(0.5 * image + 0.5 * 255 * colors[out.labels]).astype(np.uint8)
-    legend = np.zeros(image.shape[:2], bool)
-    legend[:60, :100] = True  # the legend's corner (a few short lines of 8-pixel text)
-    np.testing.assert_allclose(out.overlay[~legend], expected[~legend], atol=1)
-    assert np.abs(out.overlay[:8, :8].astype(int) - expected[:8, :8]).max() > 50  # the legend's white box
+    assert out.names == ["background", "zebra", "sand", "tiger"]
+    scale = MIN_DISPLAY_SIDE // 64
+    expected = np.round(0.5 * image + 0.5 * 255 * palette(4)[out.labels]).astype(np.uint8)
+    expected = np.kron(expected, np.ones((scale, scale, 1), np.uint8))  # nearest neighbour: labels stay sharp
+    shown = out.overlay[:, :expected.shape[1]]
+    assert out.overlay.shape[0] == expected.shape[0]
+    covered = (np.abs(shown.astype(int) - expected).max(-1) > 1).mean()
+    assert covered < 0.25  # before: the legend covered about two thirds of a 64x64 overlay
+    legend = out.overlay[:, expected.shape[1]:]
+    assert (legend < 64).all(-1).sum() > 100  # its text and swatches
+    assert (legend[:, -2:] == 255).all() and (legend[-2:] == 255).all()  # nothing cut at the edges
+
+
+def test_palette_neighbours_differ_in_hue():
+    hues = [colorsys.rgb_to_hsv(*color)[0] for color in palette(41)[1:]]
+    steps = [min(abs(a - b), 1 - abs(a - b)) for a, b in zip(hues, hues[1:])]
+    assert min(steps) > 0.1  # before: tab20's pairs, two shades of one hue side by side (a step of 0)
+
+
+def test_legend_of_a_large_photo_is_legible_at_screen_width():
+    labels = np.zeros((3000, 4000), np.int64)
+    labels[:, 2000:] = 1
+    figure = labelled_overlay(np.zeros((3000, 4000, 3), np.uint8), labels, ["zebra", "tiger"], palette(3)[1:],
+                              title="label: share of the image")
+    ink = (figure[:, 4000:] < 64).all(-1).any(1)  # rows of the legend with text or swatches
+    first_line = np.argmax(ink[np.argmax(ink):] == 0)  # height of the title's letters
+    assert first_line * 1280 / figure.shape[1] >= 9  # pixels on a 1280-pixel-wide screen; before: ~5 at 4000x3000
 
 
 def test_accepted_image_forms_match_the_rgb_uint8_image(clippy, tmp_path):

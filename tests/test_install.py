@@ -1,6 +1,7 @@
 """The package installs from its sources and runs from any folder: a wheel built from a copy of the
 sources, installed (without its dependencies, which the test environment lends) into a fresh virtual
-environment, imports from /tmp and its `clippy-segment` command segments a JPEG.
+environment, imports from /tmp, its `clippy-segment` command segments a JPEG and its `clippy-train` lists
+its flags and finds the shipped configs by name.
 
 A full `pip install .` into an empty environment downloads ~3 GB of dependencies; it was run by hand
 (clippy_jax/README: "Installing")."""
@@ -15,6 +16,7 @@ import sysconfig
 import numpy as np
 from PIL import Image
 
+from tests.conftest import TINY_RUN_FLAGS
 from tests.helpers import REPO
 
 
@@ -56,4 +58,16 @@ def test_wheel_installs_and_runs_outside_the_repository(tiny_run, tmp_path):
                              "--prompts=zebra,sand", "--output=out"], cwd=elsewhere, env=env, capture_output=True,
                             text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert Image.open(elsewhere / "out" / "photo_overlay.png").size == (120, 90)
+    assert Image.open(elsewhere / "out" / "photo_overlay.png").size[1] == 450  # 90 rows enlarged 5 times
+
+    train = str(venv / "bin" / "clippy-train")
+    shown = subprocess.run([train, "--help"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+                           check=False)
+    assert all(flag in shown.stdout for flag in ("--config:", "--workdir:", "reevaluate:", "traceback:")), shown.stdout
+    finished = subprocess.run([train, "--config=demo:size=tiny", f"--workdir={tiny_run[0]}", *TINY_RUN_FLAGS],
+                              cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert finished.returncode == 0 and "This run already finished" in finished.stderr, finished.stderr[-3000:]
+    missing = subprocess.run([train, "--config=configs/nope.py"], cwd=elsewhere, env=env, capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1, missing.stderr
+    assert "configs/nope.py does not exist" in missing.stderr and "demo" in missing.stderr

@@ -4,6 +4,7 @@ writes nothing into it."""
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -15,8 +16,9 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from clippy_jax.inference import Clippy
-from tests.helpers import REPO
+from clippy_jax.evaluate.render import MIN_DISPLAY_SIDE
+from clippy_jax.inference import Clippy, read_image
+from tests.helpers import REPO, foreign_lines, user_env
 
 PROMPTS = "zebra,tiger,giraffe,grapes"
 
@@ -41,7 +43,7 @@ def _photos(directory) -> dict[str, tuple[int, int]]:
 
 def _segment(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clippy_jax.segment", *flags], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, check=False)
+                          text=True, timeout=300, check=False, env=user_env())
 
 
 def _snapshot(directory: str) -> dict[str, float]:
@@ -61,8 +63,9 @@ def test_segment_command_on_photos_of_several_sizes_and_modes(tiny_run, tmp_path
     names = ["background", *PROMPTS.split(",")]
     for name, (height, width) in photos.items():
         stem = out / os.path.splitext(name)[0]
-        overlay = Image.open(f"{stem}_overlay.png")
-        assert overlay.size == (width, height) and overlay.mode == "RGB"
+        overlay = Image.open(f"{stem}_overlay.png")  # enlarged to MIN_DISPLAY_SIDE, the legend beside the image
+        scale = math.ceil(MIN_DISPLAY_SIDE / min(height, width))
+        assert overlay.size[1] == scale * height and overlay.size[0] > scale * width and overlay.mode == "RGB"
         labels = Image.open(f"{stem}_labels.png")
         assert labels.mode == "P" and labels.size == (width, height)
         labels = np.asarray(labels)
@@ -72,6 +75,8 @@ def test_segment_command_on_photos_of_several_sizes_and_modes(tiny_run, tmp_path
         assert len(counts) == len(names)
         np.testing.assert_allclose([record["shares"][n] for n in names], counts / labels.size, atol=1e-6)
     assert "hopper.jpg (512x600)" in result.stderr
+    assert "unlike the 64x64 synthetic scenes this model was trained on" in result.stderr
+    assert foreign_lines(result.stdout + result.stderr) == []  # before: 9 of 13 lines (TensorFlow's C++ logs)
 
     grouped = _segment(f"--checkpoint={workdir}", f"--image={tmp_path / 'hopper.jpg'}", "--group=3",
                        f"--output={tmp_path / 'groups'}")
@@ -79,12 +84,13 @@ def test_segment_command_on_photos_of_several_sizes_and_modes(tiny_run, tmp_path
     record = json.loads((tmp_path / "groups" / "hopper.json").read_text())
     assert record["labels"] == ["group 1", "group 2", "group 3"]
     assert sum(record["shares"].values()) == pytest.approx(1, abs=1e-5)
-    assert Image.open(tmp_path / "groups" / "hopper_overlay.png").size == (512, 600)
+    width, height = Image.open(tmp_path / "groups" / "hopper_overlay.png").size
+    assert height == 600 and width > 512
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (("--prompts=cat",), "Pass at least one --image"),
-    (("--image=/no/such.jpg", "--prompts=cat"), "--image: no such file"),
+    (("--image={photo}", "--prompts=cat", "--output={photo}"), "is a file; pass a folder"),
     (("--image={photo}",), '--prompts="cat,dog,grass"'),
     (("--image={photo}", "--prompts=cat", "--group=2"), "--group groups bottom-up without prompts"),
 ])
@@ -93,8 +99,34 @@ def test_segment_command_flag_errors(tmp_path, flags, message):
     Image.new("RGB", (8, 8)).save(photo)
     result = _segment(f"--checkpoint={tmp_path}", f"--output={tmp_path / 'out'}",
                       *[f.format(photo=photo) for f in flags])
-    assert result.returncode != 0 and message in result.stderr
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_segment_command_reports_each_bad_image_in_one_line_and_segments_the_others(tiny_run, tmp_path):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "good.png")
+    (tmp_path / "text.jpg").write_text("not an image\n")
+    Image.new("RGB", (64, 64)).save(tmp_path / "whole.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:300])
+    (tmp_path / "folder.png").mkdir()
+    bad = {"text.jpg": "is not an image", "truncated.jpg": "is truncated", "folder.png": "is a directory",
+           "missing.png": "does not exist"}
+    result = _segment(f"--checkpoint={tiny_run[0]}", f"--output={tmp_path / 'out'}", "--prompts=zebra,sand",
+                      *[f"--image={tmp_path / name}" for name in ["good.png", *bad]])
+    assert result.returncode == 2, result.stderr[-3000:]
+    for name, reason in bad.items():
+        assert len([line for line in result.stderr.splitlines() if f"{tmp_path / name} {reason}" in line]) == 1
+    assert "Traceback" not in result.stderr and "4 of 5 images could not be segmented" in result.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["good.json", "good_labels.png", "good_overlay.png"]
+
+
+def test_missing_checkpoints_files_and_mismatched_model_configs_are_named(tiny_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"checkpoint {tmp_path / 'none'} does not exist.*make demo"):
+        Clippy.load(str(tmp_path / "none"))
+    with pytest.raises(ValueError, match=r"demo.py' does not match .*model\.text\.embed_dim=128 \(checkpoint: 32\)"):
+        Clippy.load(tiny_run[0], model_config=os.path.join(REPO, "configs/demo.py"))
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory"):
+        read_image(str(tmp_path))
 
 
 def test_loading_a_copied_workdir_writes_nothing(tiny_run, tmp_path, caplog):
@@ -112,7 +144,7 @@ def test_loading_a_copied_workdir_writes_nothing(tiny_run, tmp_path, caplog):
 
     only_checkpoints = tmp_path / "only_checkpoints"
     shutil.copytree(os.path.join(workdir, "checkpoints"), only_checkpoints / "checkpoints")
-    with pytest.raises(FileNotFoundError, match="No tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer .*/data/tokenizer.model does not exist"):
         Clippy.load(str(only_checkpoints))
     assert sorted(os.listdir(only_checkpoints)) == ["checkpoints"]  # no data regenerated
 

@@ -2,7 +2,8 @@
 
 The training split is TFRecord shards in img2dataset's layout (`jpg`, `txt`, `key`, `width`,
 `height`); the held-out split adds PNG `segmentation` and `instances` masks and the `labels` of
-the instances. A SentencePiece model is trained on the training captions.
+the instances. A SentencePiece model is trained on the training captions. TensorFlow is imported by
+the functions that write and read the records only: `data_paths` (model loading, inference) runs without it.
 """
 
 import concurrent.futures
@@ -12,8 +13,8 @@ import os
 
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
+from etils import epath
 
 from clippy_jax.data import synthetic
 from clippy_jax.data.tokenizer import train_sentencepiece
@@ -21,15 +22,15 @@ from clippy_jax.data.tokenizer import train_sentencepiece
 COMPLETE_MARKER = "COMPLETE"
 
 
-def _bytes(*values: bytes) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
-
-
-def _ints(*values: int) -> tf.train.Feature:
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
-
-
 def _serialize(example: dict, with_masks: bool) -> bytes:
+    import tensorflow as tf  # noqa: PLC0415 (see the module docstring)
+
+    def _bytes(*values: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+    def _ints(*values: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(values)))
+
     features = dict(
         key=_bytes(example["key"].encode()),
         jpg=_bytes(example["jpg"]),
@@ -49,6 +50,8 @@ def _serialize(example: dict, with_masks: bool) -> bytes:
 def _write_split(directory: str, split: str, seed: int, count: int, num_shards: int, image_size: int,
                  pool: concurrent.futures.Executor) -> list[str]:
     """Writes `count` examples of a split; returns their captions."""
+    import tensorflow as tf  # noqa: PLC0415 (see the module docstring)
+
     encode = functools.partial(synthetic.encode_example, seed, image_size=image_size)
     captions = []
     bounds = np.linspace(0, count, num_shards + 1).astype(int)
@@ -63,11 +66,11 @@ def _write_split(directory: str, split: str, seed: int, count: int, num_shards: 
 
 def ensure_demo_data(config: ml_collections.ConfigDict, directory: str) -> str:
     """Generates the demo data into `directory` unless a complete copy is already there."""
-    if tf.io.gfile.exists(os.path.join(directory, COMPLETE_MARKER)):
+    if epath.Path(directory, COMPLETE_MARKER).exists():
         logging.info("Demo data found in %s.", directory)
         return directory
     logging.info("Generating the synthetic demo data into %s ...", directory)
-    tf.io.gfile.makedirs(directory)
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
     workers = config.workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -75,14 +78,15 @@ def ensure_demo_data(config: ml_collections.ConfigDict, directory: str) -> str:
                                 config.image_size, pool)
         _write_split(directory, "eval", config.seed + 1, config.eval_examples, 1, config.image_size, pool)
     train_sentencepiece(captions, os.path.join(directory, "tokenizer.model"), config.vocab_size)
-    with tf.io.gfile.GFile(os.path.join(directory, COMPLETE_MARKER), "w") as f:
-        f.write(f"{config.train_examples} train, {config.eval_examples} eval\n")
+    epath.Path(directory, COMPLETE_MARKER).write_text(f"{config.train_examples} train, {config.eval_examples} eval\n")
     return directory
 
 
 def load_eval_split(pattern: str) -> dict[str, np.ndarray]:
     """The labelled held-out split as arrays: image uint8 [N, H, W, 3], segmentation and instances
     uint8 [N, H, W], largest_label int [N] (category of the largest visible instance), caption."""
+    import tensorflow as tf  # noqa: PLC0415 (see the module docstring)
+
     features = dict(
         jpg=tf.io.FixedLenFeature([], tf.string),
         txt=tf.io.FixedLenFeature([], tf.string),

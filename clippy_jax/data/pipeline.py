@@ -212,7 +212,9 @@ def _permuted_block(block: tf.Tensor, skip: tf.Tensor, examples: dict[str, tf.Te
         shuffle_seed, block)))
     permuted = {k: tf.gather(v, order) for k, v in examples.items()}
     permuted["position"] = block * size + tf.range(tf.cast(count, tf.int64))
-    return tf.data.Dataset.from_tensor_slices(permuted).skip(skip)
+    # from_tensors + unbatch, not from_tensor_slices: its graph of ragged components fails TensorFlow's
+    # type inference (a 55-line warning on every run).
+    return tf.data.Dataset.from_tensors(permuted).unbatch().skip(skip)
 
 
 def shuffled_examples(config: ml_collections.ConfigDict, seed: int, process_index: int = 0,

@@ -355,7 +355,8 @@ def _tfrecord_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, ...
         return total, (example, ~last | (total != tf.cast(size, tf.int64)))
 
     checked = records.concatenate(end).scan(tf.constant(0, tf.int64), account)
-    return checked.filter(lambda example, keep: keep).map(lambda example, keep: example)
+    kept = checked.filter(lambda example, keep: keep)
+    return kept.map(lambda example, _: example)  # one lambda a line: AutoGraph tells them apart by source line
 
 
 def _webdataset_shard(path: tf.Tensor, size: tf.Tensor, image_keys: tuple[str, ...],

@@ -6,12 +6,15 @@ before EOS is appended (transformers' T5Tokenizer behaviour), then padded with 0
 """
 
 import io
-import os
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
-import tensorflow as tf
+from etils import epath
+
+if TYPE_CHECKING:  # TensorFlow only for tf.data's in-graph encoding (`tf_encode`); inference runs without it
+    import tensorflow as tf
 
 PAD_ID = 0
 EOS_ID = 1
@@ -33,9 +36,8 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int) 
         hard_vocab_limit=False,
         minloglevel=2,
     )
-    tf.io.gfile.makedirs(os.path.dirname(model_path) or ".")
-    with tf.io.gfile.GFile(model_path, "wb") as f:
-        f.write(model.getvalue())
+    epath.Path(model_path).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(model_path).write_bytes(model.getvalue())
     return model_path
 
 
@@ -43,8 +45,7 @@ class Tokenizer:
     """Loads any SentencePiece `.model` (for example T5's 32k vocabulary)."""
 
     def __init__(self, model_path: str, max_length: int):
-        with tf.io.gfile.GFile(model_path, "rb") as f:
-            self.model_proto = f.read()
+        self.model_proto = epath.Path(model_path).read_bytes()
         try:
             self.processor = spm.SentencePieceProcessor(model_proto=self.model_proto)
         except RuntimeError:
@@ -71,9 +72,10 @@ class Tokenizer:
             out[i, : len(ids)] = ids
         return out
 
-    def tf_encode(self, texts: tf.Tensor) -> tf.Tensor:
+    def tf_encode(self, texts: "tf.Tensor") -> "tf.Tensor":
         """In-graph version of `encode` for a string tensor of any rank: [..., max_length] int32."""
-        import tensorflow_text  # noqa: PLC0415 (heavy import, only where tf.data needs it)
+        import tensorflow as tf  # noqa: PLC0415 (heavy imports, only where tf.data needs them)
+        import tensorflow_text  # noqa: PLC0415
 
         flat = tf.reshape(texts, [-1])
         pieces = tensorflow_text.SentencepieceTokenizer(model=self.model_proto, out_type=tf.int32).tokenize(flat)

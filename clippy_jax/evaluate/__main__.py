@@ -17,26 +17,30 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from clippy_jax import distributed, logs, sharding  # noqa: E402
+from clippy_jax import cli, distributed, logs, sharding  # noqa: E402
 from clippy_jax.evaluate import loading, runner  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "Evaluation configuration file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", cli.config_file("configs/eval.py"),
+                                          "Evaluation configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results and TensorBoard events.", required=True)
+_TRACEBACK = cli.traceback_flag()
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise cli.BadInput(f"unexpected arguments {argv[1:]}: every setting is a flag (--config.init_from=...).")
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; leave accelerators to JAX.
     logs.quiet_libraries()
     distributed.initialize()
     config = _CONFIG.value
     workdir = _WORKDIR.value if _WORKDIR.value.startswith("gs://") else os.path.abspath(_WORKDIR.value)
-    loaded = loading.load(config)
+    try:
+        loaded = loading.load(config)
+    except (OSError, ValueError) as error:  # a checkpoint, config or tokenizer that is missing or does not fit
+        raise cli.BadInput(str(error)) from error
     logging.info("Evaluating %s (step %d) on %s.", config.init_from, loaded.step, ", ".join(config.eval.evaluators))
     mesh = sharding.make_mesh(config.mesh)
     writer = runner.create_writer(workdir)
@@ -49,7 +53,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
     """The `clippy-evaluate` console command."""
     jax.config.config_with_absl()
-    app.run(main)
+    cli.run(main, _TRACEBACK)
 
 
 if __name__ == "__main__":

@@ -14,20 +14,22 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 import tqdm
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
 from clippy_jax import platforms, sharding
-from clippy_jax.data import eval_datasets
 from clippy_jax.data.tokenizer import Tokenizer
 from clippy_jax.evaluate import geometry, zero_shot
+
+if TYPE_CHECKING:  # the dataset builders (TensorFlow) load with the first dataset, not with inference
+    import tensorflow_datasets as tfds
 
 # The event JAX records for each XLA compilation (jax._src.dispatch.BACKEND_COMPILE_EVENT).
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -121,7 +123,7 @@ class Examples:
 
     iterator: Iterator[dict]
     num_global: int
-    info: tfds.core.DatasetInfo | None = None
+    info: "tfds.core.DatasetInfo | None" = None
 
     @property
     def num_local(self) -> int:
@@ -139,6 +141,8 @@ class Examples:
 
 def dataset_examples(ctx: EvalContext, task: ml_collections.ConfigDict) -> Examples:
     """The examples of `task.dataset` (a builder of `clippy_jax.data.eval_datasets`) for this host."""
+    from clippy_jax.data import eval_datasets  # noqa: PLC0415 (TensorFlow, only where datasets are read)
+
     manual_dir = task.get("manual_dir") or ctx.config.eval.manual_dir
     builder = eval_datasets.builder(task.dataset, manual_dir, ctx.config.eval.tfds_dir)
     ds = builder.as_dataset(split=task.get("split") or builder.EVAL_SPLIT, shuffle_files=False)

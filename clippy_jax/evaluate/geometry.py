@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 # CLIP's image normalisation, which the released CLIPpy checkpoints use.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,7 +31,7 @@ class Geometry:
     window: int = 0
     stride: int = 0
     short_side: int = 0
-    method: str = "bilinear"  # tf.image.resize method for the image
+    method: str = "bilinear"  # `resize` method for the image
 
     @classmethod
     def from_config(cls, task) -> "Geometry":
@@ -73,12 +72,62 @@ def shorter_side_shape(shape: Sequence[int], short_side: int, multiple: int = 1)
     return tuple(max(multiple, int(round(s * scale / multiple)) * multiple) for s in shape[:2])
 
 
+def _kernel(method: str):
+    def triangle(x):
+        return np.maximum(0.0, 1.0 - x)
+
+    def keys_cubic(x):  # a = -0.5
+        return np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
+
+    kernels = {"bilinear": triangle, "bicubic": keys_cubic}
+    if method not in kernels:
+        raise ValueError(f"Resize method {method!r} is not one of {sorted(kernels)}.")
+    return kernels[method]
+
+
+def _taps(size: int, new_size: int, method: str, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(input indices, weights), each [new_size, taps], of TensorFlow's (and jax.image's) scale_and_translate:
+    half-pixel centres, the kernel widened by the downscaling factor when antialiasing, weights normalised."""
+    inv_scale = size / new_size
+    kernel_scale = max(inv_scale, 1.0) if antialias else 1.0
+    sample = (np.arange(new_size, dtype=np.float64) + 0.5) * inv_scale - 0.5
+    weights = _kernel(method)(np.abs(sample[:, None] - np.arange(size)[None, :]) / kernel_scale)  # [new, size]
+    total = weights.sum(1, keepdims=True)
+    weights = np.where(np.abs(total) > 1000 * np.finfo(np.float32).eps, weights / np.where(total, total, 1), 0.0)
+    weights = np.where(((sample >= -0.5) & (sample <= size - 0.5))[:, None], weights, 0.0)
+    nonzero = weights != 0
+    some = nonzero.any(1)
+    first = np.where(some, nonzero.argmax(1), 0)
+    count = max(1, int(np.where(some, size - nonzero[:, ::-1].argmax(1) - first, 1).max()))
+    indices = first[:, None] + np.arange(count)[None, :]
+    inside = indices < size
+    indices = np.minimum(indices, size - 1)
+    return indices, np.where(inside, np.take_along_axis(weights, indices, 1), 0.0).astype(np.float32)
+
+
+def _resize_axis(maps: np.ndarray, axis: int, new_size: int, method: str, antialias: bool) -> np.ndarray:
+    indices, weights = _taps(maps.shape[axis], new_size, method, antialias)
+    shape = [1] * maps.ndim
+    shape[axis] = new_size
+    out = np.zeros(maps.shape[:axis] + (new_size,) + maps.shape[axis + 1:], np.float32)
+    for tap in range(indices.shape[1]):
+        out += np.take(maps, indices[:, tap], axis=axis) * weights[:, tap].reshape(shape)
+    return out
+
+
+def resize(maps: np.ndarray, shape: Sequence[int], method: str = "bilinear", antialias: bool = True) -> np.ndarray:
+    """float32 [..., h, w, C] -> [..., *shape, C] in numpy: tf.image.resize / jax.image.resize's
+    interpolation (half-pixel centres; antialiased when downscaling), with no compilation per size."""
+    maps = np.asarray(maps, np.float32)
+    return _resize_axis(_resize_axis(maps, -3, shape[0], method, antialias), -2, shape[1], method, antialias)
+
+
 def resize_image(image: np.ndarray, shape: Sequence[int], method: str = "bilinear") -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [h, w, 3] in [0, 255] (antialiased; bicubic overshoot clipped, as
     PIL's uint8 output); unchanged when already that size."""
     if tuple(image.shape[:2]) == tuple(shape):
         return image.astype(np.float32)
-    return np.clip(tf.image.resize(image, tuple(shape), method=method, antialias=True).numpy(), 0.0, 255.0)
+    return np.clip(resize(image, tuple(shape), method), 0.0, 255.0)
 
 
 def window_origins(length: int, window: int, stride: int) -> list[int]:

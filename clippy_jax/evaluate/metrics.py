@@ -15,7 +15,7 @@ import scipy.optimize
 from clu import metrics
 from jax.experimental import multihost_utils
 
-from clippy_jax.data.eval_datasets.common import IGNORE_LABEL
+from clippy_jax.data.labels import IGNORE_LABEL
 
 
 @flax.struct.dataclass

@@ -6,20 +6,36 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from clippy_jax.data.eval_datasets.common import IGNORE_LABEL  # noqa: E402
+from clippy_jax.data.labels import IGNORE_LABEL  # noqa: E402
 
 IGNORE_COLOR = (1.0, 1.0, 1.0)
 
 
+# Matplotlib's tab10 without its grey: neighbouring labels differ in hue, none is lost on black or white.
+_NAMED_COLORS = (("blue", "#1f77b4"), ("orange", "#ff7f0e"), ("green", "#2ca02c"), ("red", "#d62728"),
+                 ("purple", "#9467bd"), ("cyan", "#17becf"), ("pink", "#e377c2"), ("olive", "#bcbd22"),
+                 ("brown", "#8c564b"))
+_GOLDEN_ANGLE = 0.381966  # hue step (in turns) that keeps every next colour far from the ones before
+
+
 def palette(num_classes: int) -> np.ndarray:
-    """[C, 3] float colours in [0, 1]; class 0 (background) is black."""
-    colors = plt.get_cmap("tab20")(np.arange(max(num_classes - 1, 1)) % 20)[:, :3]
-    return np.concatenate([np.zeros((1, 3)), colors])[:num_classes]
+    """[C, 3] float colours in [0, 1]; class 0 (background) is black, then `_NAMED_COLORS`, then hues a
+    golden angle apart (alternating brightness), so that neighbouring labels never share a hue."""
+    named = [matplotlib.colors.to_rgb(code) for _, code in _NAMED_COLORS]
+    more = [matplotlib.colors.hsv_to_rgb(((0.45 + i * _GOLDEN_ANGLE) % 1.0, 0.75, 0.95 if i % 2 else 0.7))
+            for i in range(max(0, num_classes - 1 - len(named)))]
+    return np.asarray([(0.0, 0.0, 0.0), *named, *more])[:num_classes]
+
+
+def color_name(index: int) -> str:
+    """The name of `palette`'s colour `index` (a number past the named ones)."""
+    return "black" if index == 0 else _NAMED_COLORS[index - 1][0] if index <= len(_NAMED_COLORS) else f"colour {index}"
 
 
 def colorize(labels: np.ndarray, colors: np.ndarray, ignore_label: int = IGNORE_LABEL) -> np.ndarray:
@@ -64,29 +80,42 @@ def segmentation_overlay(
     return figure_to_array(fig)
 
 
+MIN_DISPLAY_SIDE = 384  # overlays of smaller images are enlarged (nearest neighbour) to at least this side
+
+
 def labelled_overlay(image: np.ndarray, labels: np.ndarray, names: Sequence[str], colors: np.ndarray,
-                     alpha: float = 0.5) -> np.ndarray:
-    """uint8 RGB [H, W, 3] at the image's resolution: `labels` (int [H, W], indices into `names` and
-    `colors` [C, 3] in [0, 1]) blended over `image` (uint8 [H, W, 3]), with a legend in the top-left
-    corner of the labels present, largest first, with their share of the pixels."""
-    blend = (1 - alpha) * image.astype(np.float32) + alpha * 255.0 * colors[labels]
-    canvas = Image.fromarray(np.clip(np.round(blend), 0, 255).astype(np.uint8)).convert("RGBA")
+                     alpha: float = 0.5, title: str = "") -> np.ndarray:
+    """uint8 RGB figure: `labels` (int [H, W], indices into `names` and `colors` [C, 3] in [0, 1]) blended
+    over `image` (uint8 [H, W, 3]), enlarged by an integer factor (nearest neighbour) to a shorter side of
+    at least `MIN_DISPLAY_SIDE`, and beside it a legend of the labels present, largest first, with their
+    share of the pixels, under `title`. The legend's text scales with the image (legible at screen width
+    on a 4000 x 3000 photo); it never covers the image."""
+    scale = int(np.ceil(MIN_DISPLAY_SIDE / min(image.shape[:2])))
+    blend = (1 - alpha) * image.astype(np.float32) + alpha * 255.0 * colors.astype(np.float32)[labels]
+    blend = np.clip(np.round(blend), 0, 255).astype(np.uint8).repeat(scale, 0).repeat(scale, 1)
+    height, width = blend.shape[:2]
     counts = np.bincount(labels.ravel(), minlength=len(names))
     shown = [c for c in np.argsort(-counts, kind="stable") if counts[c]]
-    font_size = int(np.clip(min(image.shape[:2]) / 24, 8, 28))
+    font_size = max(14, round(max(height, width) / 64))
     font = ImageFont.load_default(size=font_size)
-    lines = [f"{names[c]} {100.0 * counts[c] / labels.size:.0f}%" for c in shown]
-    line_height, pad = font_size + font_size // 3, font_size // 3 + 1
-    width = max(int(font.getlength(line)) for line in lines) + line_height + 2 * pad
-    legend = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(legend)
-    draw.rectangle((0, 0, width, 2 * pad + line_height * len(lines)), fill=(255, 255, 255, 200))
-    for row, (c, line) in enumerate(zip(shown, lines)):
-        y = pad + row * line_height
+    lines = [f"{names[c]}  {100.0 * counts[c] / labels.size:.0f}%" for c in shown]
+    line_height, pad = round(font_size * 1.4), font_size // 2
+    top = pad + (line_height if title else 0)
+    rows = max(1, (height - top - pad) // line_height)
+    column = max(int(font.getlength(line)) for line in lines) + line_height + 2 * pad
+    columns = -(-len(lines) // rows)
+    legend_width = max(columns * column, int(font.getlength(title)) + 2 * pad if title else 0) + pad
+    canvas = Image.new("RGB", (width + legend_width, height), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((width + pad, pad), title, fill=(0, 0, 0), font=font)
+    for i, (c, line) in enumerate(zip(shown, lines)):
+        x, y = width + pad + (i // rows) * column, top + (i % rows) * line_height
         swatch = tuple(int(round(255 * v)) for v in colors[c])
-        draw.rectangle((pad, y + 1, pad + font_size, y + 1 + font_size), fill=(*swatch, 255), outline=(0, 0, 0, 255))
-        draw.text((pad + line_height, y), line, fill=(0, 0, 0, 255), font=font)
-    return np.asarray(Image.alpha_composite(canvas, legend).convert("RGB"))
+        draw.rectangle((x, y + 1, x + font_size, y + 1 + font_size), fill=swatch, outline=(0, 0, 0))
+        draw.text((x + line_height, y), line, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
 
 
 def classification_figure(

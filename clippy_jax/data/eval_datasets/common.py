@@ -15,7 +15,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-IGNORE_LABEL = 255
+from clippy_jax.data.labels import IGNORE_LABEL
+
 # Label lookup tables cover every value a raw uint8 annotation can take.
 _NUM_UINT8_VALUES = 256
 # Encoded images kept byte-for-byte; anything else (CMYK, RGBA, palette, other formats) is
