@@ -82,7 +82,7 @@ def summarize(config: ml_collections.ConfigDict, vocab_size: int | None = None) 
         patches = jax.ShapeDtypeStruct((1, kept, patch * patch * 3), jnp.float32)
         indices = jax.ShapeDtypeStruct((1, kept), jnp.int32)
         gflops[f"image encoder, {kept} kept tokens (training)"] = _gflops(
-            lambda p, x, i: encode_image(p, None, patches=x, patch_indices=i, grid_shape=grid), params, patches,
+            lambda v, x, i: encode_image(v, None, patches=x, patch_indices=i, grid_shape=grid), variables, patches,
             indices,
         )
     return summary

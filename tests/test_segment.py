@@ -170,5 +170,7 @@ def test_segment_command_on_a_cnn_workdir_writes_overlays_at_the_photos_resoluti
     assert result.returncode == 0, result.stderr[-3000:]
     for name, (height, width) in photos.items():
         stem = out / os.path.splitext(name)[0]
-        assert Image.open(f"{stem}_overlay.png").size == (width, height)
+        overlay = Image.open(f"{stem}_overlay.png")  # as for the ViT: the legend beside the (enlarged) photo
+        scale = math.ceil(MIN_DISPLAY_SIDE / min(height, width))
+        assert overlay.size[1] == scale * height and overlay.size[0] > scale * width
         assert np.asarray(Image.open(f"{stem}_labels.png")).shape == (height, width)

@@ -28,7 +28,7 @@ from flax import traverse_util
 from clippy_jax import checkpoints
 from clippy_jax.data import demo_data
 from clippy_jax.data.tokenizer import Tokenizer
-from clippy_jax.models import build_model
+from clippy_jax.models import as_variables, build_model, towers
 
 
 @dataclasses.dataclass
@@ -60,12 +60,12 @@ def _missing(path: str) -> str:
 def _check_shapes(model: nn.Module, params: dict, model_config: ml_collections.ConfigDict, spec: str,
                   checkpoint: str, recorded: ml_collections.ConfigDict | None) -> None:
     """ValueError naming the settings (or else the parameters) where `spec`'s model differs from the checkpoint's."""
-    size = model_config.image.posemb_grid[0] * model_config.image.patch_size
+    size = 2 * towers.size_multiple(model.image)  # the parameters' shapes do not depend on the image size
     batch = dict(image=jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
                  tokens=jax.ShapeDtypeStruct((1, 8), jnp.int32))
     expected = traverse_util.flatten_dict(nn.unbox(jax.eval_shape(
         lambda batch: model.init(jax.random.key(0), batch)["params"], batch)), sep="/")
-    found = traverse_util.flatten_dict(params, sep="/")
+    found = traverse_util.flatten_dict(as_variables(params)["params"], sep="/")
     differ = sorted(k for k in set(expected) | set(found)
                     if k not in expected or k not in found or tuple(expected[k].shape) != tuple(found[k].shape))
     if not differ:
