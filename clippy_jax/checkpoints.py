@@ -86,6 +86,15 @@ def _key_name(entry) -> str:
     return str(entry)
 
 
+def _restore_target(abstract_state, metadata):
+    """`abstract_state`; for a TrainState and a step (its tree `metadata`) saved before the TrainState held
+    BatchNorm statistics (of a model without them, as `_check_shapes` ensured), its other fields as a dict."""
+    if "batch_stats" in metadata or not dataclasses.is_dataclass(abstract_state):
+        return abstract_state
+    return {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+            if f.name != "batch_stats"}
+
+
 def _stored_shape(leaf) -> tuple:
     """The shape an array is stored with: a typed PRNG key array as its raw key data."""
     if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
@@ -217,9 +226,9 @@ class Checkpointer:
         """
         for step in self.steps():
             try:
-                self._read(step, "its metadata", functools.partial(self._check_shapes, step, abstract_state),
-                           interrupted, limited=True)
-                target = self._restore_target(step, abstract_state)
+                metadata = self._read(step, "its metadata", functools.partial(self._check_shapes, step, abstract_state),
+                                      interrupted, limited=True)
+                target = _restore_target(abstract_state, metadata)
                 args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
                 restored = self._read(step, "the TrainState", functools.partial(self.manager.restore, step, args=args),
                                       interrupted)
@@ -233,15 +242,6 @@ class Checkpointer:
             state = restored[STATE_ITEM]
             return state if target is abstract_state else abstract_state.replace(**state)
         return None
-
-    def _restore_target(self, step: int, abstract_state):
-        """`abstract_state`; for a TrainState and a step saved before the TrainState held BatchNorm statistics
-        (of a model without them, as `_check_shapes` ensured), its other fields as a dict."""
-        if "batch_stats" in self.manager.item_metadata(step)[STATE_ITEM] or not dataclasses.is_dataclass(
-                abstract_state):
-            return abstract_state
-        return {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
-                if f.name != "batch_stats"}
 
     def _read(self, step: int, what: str, read: Callable, interrupted: Callable[[], bool], limited: bool = False):
         """read(), classifying its failure: bad bytes -> UnreadableCheckpointError; a transient error (or, if
@@ -270,14 +270,15 @@ class Checkpointer:
                 time.sleep(_RETRY_SECONDS * attempt)
         raise AssertionError("unreachable")
 
-    def _check_shapes(self, step: int, abstract_state) -> None:
-        """Raises StateMismatchError if the step's arrays differ in name or shape from `abstract_state`'s."""
+    def _check_shapes(self, step: int, abstract_state):
+        """The step's tree metadata; StateMismatchError if its arrays differ in name or shape from the state's."""
         metadata = self.manager.item_metadata(step)[STATE_ITEM]
         if metadata is None:
             raise FileNotFoundError(f"no tree metadata in {os.path.join(self.directory, str(step), STATE_ITEM)}")
         saved, expected = _shapes(metadata), _shapes(abstract_state)
         if saved != expected:
             raise StateMismatchError(step, os.path.join(self.directory, str(step)), saved, expected)
+        return metadata
 
     def _restore_iterator(self, step: int, iterator: "InputIterator") -> None:
         data_dir = self._data_dir(step)
