@@ -4,13 +4,16 @@ Every check raises `ConfigError` with one message naming the setting, its value 
 """
 
 import dataclasses
+import json
 import math
 import numbers
+import os
 
 import ml_collections
 import tensorflow as tf
 from absl import logging
 
+from clippy_jax.convert.common import CONFIG_FILE as CONVERTED_CONFIG_FILE
 from clippy_jax.data import eval_datasets, pipeline, sources
 from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
@@ -278,7 +281,9 @@ def _check_eval(root: ml_collections.ConfigDict) -> None:
                   f"choose one of {sorted(eval_datasets.BUILDERS)}")
 
 
-def _check_init(init: ml_collections.ConfigDict) -> None:
+def _check_init(init: ml_collections.ConfigDict, image: ml_collections.ConfigDict) -> None:
+    """`init.*` name converted checkpoints; an image tower's settings that keep the parameters' shapes but change
+    what they compute (the tower, a CNN's padding) must be the converted checkpoint's (its `model_config.json`)."""
     for tower in ("image", "text"):
         source = init[tower]
         if source is None:
@@ -287,6 +292,19 @@ def _check_init(init: ml_collections.ConfigDict) -> None:
         if source != "random" and not tf.io.gfile.isdir(source):
             _fail(f"init.{tower}", source, "is not a directory",
                   "pass a directory written by `python -m clippy_jax.convert`, or 'random'")
+    path = os.path.join(init.image, CONVERTED_CONFIG_FILE)
+    if init.image == "random" or not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        converted = json.load(f).get("model", {}).get("image")
+    if not converted:
+        return
+    for key, default, alternative in (("tower", "vit", "an image checkpoint of that tower"),
+                                      ("padding", EfficientNet.padding, "weights converted with that --padding")):
+        ours, theirs = image.get(key, default), converted.get(key)
+        if theirs is not None and ours != theirs:
+            _fail(f"model.image.{key}", ours, f"differs from config.init.image's ({path}: {key}={theirs!r})",
+                  f"pass --config.model.image.{key}={theirs}, or {alternative}")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1, paths: bool = True) -> None:
@@ -303,7 +321,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         _check_train(root, num_devices, process_count)
         _check_eval(root)
         if paths:
-            _check_init(root.init)
+            _check_init(root.init, root.model.image)
     except ConfigError:
         raise
     except ValueError as error:  # the registries' and the mesh's own checks name their setting

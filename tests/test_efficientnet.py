@@ -15,9 +15,12 @@ and frozen-statistics outputs.
 """
 
 import functools
+import importlib.util
+import os
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import timm
@@ -25,6 +28,7 @@ import torch
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from clippy_jax import config_checks
 from clippy_jax.convert.__main__ import cli
 from clippy_jax.convert.common import load_pretrained, load_pretrained_batch_stats, unflatten
 from clippy_jax.convert.efficientnet import convert_efficientnet
@@ -36,6 +40,7 @@ from clippy_jax.models.efficientnet import (
     stage_channels,
     stage_repeats,
 )
+from tests.helpers import REPO
 
 RTOL = 1e-4
 # padding: (timm model, [(batch, height, width)]). 456 is B5's resolution; SAME pads asymmetrically where a
@@ -193,6 +198,30 @@ def test_the_cli_writes_params_batch_stats_and_the_config(tmp_path, b0_state):
     for collection, tree in (("params", params), ("batch_stats", batch_stats)):
         shapes = jax.tree.map(lambda v: v.shape, nn.unbox(variables[collection]))
         assert jax.tree.map(np.shape, tree["image_tower"]) == shapes
+
+    # A run initialised from it takes its padding (same parameter shapes, other features) and its tower.
+    converted = str(tmp_path / "out")
+    config_checks.validate(_demo_config("tower=efficientnet,size=tiny", init=converted), num_devices=1)
+    for arg, setting, message in (
+            ("tower=efficientnet,size=tiny", "padding='pytorch'", "--config.model.image.padding=same"),
+            ("size=tiny", "tower='vit'", "--config.model.image.tower=efficientnet")):
+        config = _demo_config(arg, init=converted)
+        if "pytorch" in setting:
+            config.model.image.padding = "pytorch"
+        with pytest.raises(config_checks.ConfigError) as raised:
+            config_checks.validate(config, num_devices=1)
+        assert str(raised.value).startswith(f"config.model.image.{setting} differs from config.init.image's "
+                                            f"({converted}/model_config.json")
+        assert message in str(raised.value)
+
+
+def _demo_config(arg: str, init: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(REPO, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.init.image = init
+    return config
 
 
 @pytest.mark.parametrize(("change", "message"), [
