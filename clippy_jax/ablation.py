@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import app, flags
 from ml_collections import config_flags
 
+from clippy_jax import logs
 from clippy_jax.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Base configuration.", lock_config=False)
@@ -34,6 +35,8 @@ def comparison_table(results: dict[str, dict]) -> str:
 def main(argv: list[str]) -> None:
     del argv
     tf.config.set_visible_devices([], "GPU")
+    logs.quiet_libraries()
+    logs.start_backends()
     workdir = os.path.abspath(_WORKDIR.value)
     results = {}
     for pool in _POOLS.value:

@@ -10,6 +10,9 @@ a machine without a GPU (`failed call to cuInit`) and oneDNN's int64 fallback no
 called on `import clippy_jax` before TensorFlow can load, sets TF_CPP_MIN_LOG_LEVEL=3 (unless set) and
 sends the native stderr of TensorFlow's import to /dev/null (Python errors still raise).
 
+JAX's accelerator plugins (the CUDA plugin and libtpu, installed by `.[aot]`) print tracebacks and errors when
+they start on a machine without their device: `start_backends()` holds them back there (see its doc).
+
 Set `CLIPPY_VERBOSE_LIBRARIES=1` to see everything.
 """
 
@@ -19,7 +22,9 @@ import importlib.util
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from absl import logging as absl_logging
 
@@ -51,18 +56,47 @@ def quiet_libraries() -> None:
 
 
 @contextlib.contextmanager
-def native_stderr_silenced() -> Iterator[None]:
-    """Sends what native code writes to file descriptor 2 to /dev/null meanwhile."""
+def native_stderr_to(file: BinaryIO) -> Iterator[None]:
+    """Sends what is written to file descriptor 2 (native code, and Python's `sys.stderr`) to `file` meanwhile."""
     sys.stderr.flush()
     saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 2)
+        os.dup2(file.fileno(), 2)
         yield
     finally:
+        sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(devnull)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Sends what native code writes to file descriptor 2 to /dev/null meanwhile."""
+    with open(os.devnull, "wb") as devnull, native_stderr_to(devnull):
+        yield
+
+
+def start_backends() -> None:
+    """Starts JAX's backends. Installed accelerator plugins that find no device (the CUDA plugin and libtpu of
+    `.[aot]` on a CPU machine) print tracebacks and native errors while they start: these are held back and
+    replaced by one line when JAX ends up on the CPU, and printed as they were when an accelerator started."""
+    import jax
+
+    if verbose():
+        jax.devices()
+        return
+    with tempfile.TemporaryFile() as captured:
+        with native_stderr_to(captured):
+            jax.devices()
+        captured.seek(0)
+        messages = captured.read().decode(errors="replace")
+    if not messages.strip():
+        return
+    if jax.default_backend() != "cpu":
+        sys.stderr.write(messages)
+    else:
+        absl_logging.info("No GPU or TPU found: JAX runs on the CPU (the accelerator plugins' start-up messages "
+                          "were held back; CLIPPY_VERBOSE_LIBRARIES=1 shows them).")
 
 
 class _SilentLoader(importlib.abc.Loader):

@@ -55,6 +55,7 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only feeds data; leave accelerators to JAX.
     logs.quiet_libraries()
     distributed.initialize()
+    logs.start_backends()
     logging.info("JAX process %d of %d, %d local devices, %d in all.", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     _suggest_huge_pages()

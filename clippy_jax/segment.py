@@ -140,6 +140,7 @@ def main(argv: list[str]) -> None:
     from clippy_jax.inference import Clippy, read_image  # the model's imports only once the flags are checked
 
     logs.quiet_libraries()
+    logs.start_backends()
     paths, images, unreadable = [], [], 0
     for path in _image_paths():  # unreadable files are reported before the model loads
         try:

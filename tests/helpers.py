@@ -42,10 +42,12 @@ def main_command(workdir: str, *flags: str, config: str = "configs/demo.py:size=
 
 
 def run_main(workdir: str, *flags: str, config: str = "configs/demo.py:size=tiny", timeout: int = 300,
-             check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Runs the entry point as a user starts it (`user_env`), with the variables of `env` added."""
+             check: bool = True, env: dict[str, str] | None = None,
+             replace_env: bool = False) -> subprocess.CompletedProcess:
+    """Runs the entry point as a user starts it (`user_env`), with the variables of `env` added (`replace_env`:
+    `env` alone)."""
     result = subprocess.run(main_command(workdir, *flags, config=config), cwd=REPO, capture_output=True, text=True,
-                            check=False, timeout=timeout, env={**user_env(), **(env or {})})
+                            check=False, timeout=timeout, env=env if replace_env else {**user_env(), **(env or {})})
     if check and result.returncode:
         raise AssertionError(f"main failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_RUN_FLAGS
-from tests.helpers import foreign_lines, kill_after_checkpoint, read_scalars, run_main
+from tests.helpers import foreign_lines, kill_after_checkpoint, read_scalars, run_main, user_env
 
 
 def test_tiny_run_leaves_checkpoint_events_and_results(tiny_run):
@@ -44,6 +44,22 @@ def test_console_shows_progress_lines_and_where_the_results_are_without_library_
         assert json.load(f)["train"]["steps"] == 10
     assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
     assert foreign_lines(result.stdout + result.stderr) == []  # before: 69 of 101 lines (C++ logs of TensorFlow)
+
+
+def test_accelerator_plugins_without_their_device_leave_one_line_on_a_cpu_machine(tmp_path):
+    """As a user starts the command after `make test` (the `.[aot]` CUDA plugin and libtpu installed, JAX's platform
+    not set): their start-up tracebacks and native errors are held back for one line; verbose shows them (the
+    control). The run stops at the config checks, which come after the backends start."""
+    env = {k: v for k, v in user_env().items() if k != "JAX_PLATFORMS"}
+    consoles = {}
+    for verbose in ("0", "1"):
+        result = run_main(str(tmp_path / verbose), "--config.train.steps=0", check=False,
+                          env={**env, "CLIPPY_VERBOSE_LIBRARIES": verbose}, replace_env=True)
+        assert result.returncode == 2 and "config.train.steps=0 must be >= 1" in result.stderr, result.stderr[-2000:]
+        consoles[verbose] = result.stdout + result.stderr
+    assert foreign_lines(consoles["1"]), consoles["1"][-2000:]
+    assert foreign_lines(consoles["0"]) == [] and "Traceback" not in consoles["0"], consoles["0"][-2000:]
+    assert "No GPU or TPU found: JAX runs on the CPU" in consoles["0"]
 
 
 def test_foreign_lines_are_the_libraries_records_and_their_continuations():

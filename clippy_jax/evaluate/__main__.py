@@ -35,6 +35,7 @@ def main(argv: list[str]) -> None:
     tf.config.set_visible_devices([], "GPU")  # TensorFlow only reads data; leave accelerators to JAX.
     logs.quiet_libraries()
     distributed.initialize()
+    logs.start_backends()
     config = _CONFIG.value
     workdir = _WORKDIR.value if _WORKDIR.value.startswith("gs://") else os.path.abspath(_WORKDIR.value)
     try:
