@@ -258,7 +258,8 @@ def make_plan(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] |
         devices=mesh.size,
         mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
         global_batch=config.train.batch_size,
-        params=per_device_bytes((state.params, state.batch_stats)),  # with a CNN's BatchNorm statistics
+        params=per_device_bytes(state.params),
+        batch_stats=per_device_bytes(state.batch_stats),  # a CNN's BatchNorm running statistics (0 for the ViT)
         opt_state=per_device_bytes(state.opt_state),
         grads=per_device_bytes(state.params),  # the gradients have the parameters' shapes and shardings
         batch=per_device_bytes(batch),
@@ -360,7 +361,7 @@ def _node_axes(mesh: jax.sharding.Mesh, devices_per_node: int | None) -> set[str
 
 def advice(plan: dict, memory: float, config: ml_collections.ConfigDict) -> list[Change]:
     """Changes that would bring the peak under `memory`, largest lever first."""
-    state = plan["params"] + plan["opt_state"] + plan["grads"]
+    state = plan["params"] + plan["batch_stats"] + plan["opt_state"] + plan["grads"]
     data, fsdp, _ = (plan["mesh"][axis] for axis in sharding.MESH_AXES)
     changes = []
     if data > 1 and state > 0.1 * memory:
@@ -403,6 +404,7 @@ def format_plan(plan: dict) -> str:
         "| per device | bytes |",
         "|---|---|",
         f"| parameters | {_bytes(plan['params'])} |",
+        *([f"| BatchNorm statistics | {_bytes(plan['batch_stats'])} |"] if plan["batch_stats"] else []),
         f"| optimiser state | {_bytes(plan['opt_state'])} |",
         f"| gradients | {_bytes(plan['grads'])} |",
         f"| batch | {_bytes(plan['batch'])} |",

@@ -84,6 +84,35 @@ def test_the_cpu_program_of_the_same_step_takes_the_cpu_path():
     assert "bf16_matmul" in hlo and not CUDNN.findall(hlo)
 
 
+GROUPS = re.compile(r"feature_group_count ?= ?(\d+)")  # HLO and StableHLO text
+
+
+def _depthwise_channels(state) -> set[int]:
+    """The channel counts of the EfficientNet's depthwise kernels [k, k, 1, C] (`conv_dw`)."""
+    paths = jax.tree_util.tree_flatten_with_path(state.params)[0]
+    return {leaf.shape[-1] for path, leaf in paths if "conv_dw" in jax.tree_util.keystr(path)}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_cnn_train_step_compiles_for_the_target_with_grouped_convolutions(platform):
+    """The EfficientNet tower's step (the tiny demo CNN on data x fsdp) fits its target, and its depthwise
+    convolutions stay grouped convolutions there (their channels, as their kernels', split over fsdp; XLA:GPU's
+    are cuDNN calls); on the CPU they become shifted multiply-adds (the control: no grouped convolution)."""
+    config = _config("tower=efficientnet,size=tiny", data=-1, fsdp=2)
+    step, state, batch, _ = plan._abstract_step(config, jax.devices()[:4])
+    widths = _depthwise_channels(state)
+    assert len(widths) > 3 and {int(g) for g in GROUPS.findall(step.lower(state, batch).as_text())} == {1}
+    report = plan.make_plan(config, _devices(platform), TARGETS[platform]["target"], check_advice=False)
+    assert report["compiler"].startswith({"tpu": "XLA:TPU", "gpu": "XLA:GPU"}[platform]) and report["fits"]
+    grouped = {int(g) for g in GROUPS.findall(report["hlo"])}
+    assert {width // config.mesh.fsdp for width in widths} <= grouped, (widths, grouped)  # channels split over fsdp
+    assert any("fsdp" in c.axes for c in report["collectives"] if c.kind in ("all-gather", "reduce-scatter"))
+    if platform == "gpu":
+        assert '__cudnn$convForward' in report["hlo"]
+    assert 0 < report["batch_stats"] < report["params"]
+    assert f"| BatchNorm statistics | {report['batch_stats']:,} B" in plan.format_plan(report)
+
+
 def _abstract_params(config: ml_collections.ConfigDict, place) -> dict:
     model = build_model(config.model, _vocab(config))
     images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))

@@ -91,7 +91,7 @@ def test_advice_for_a_plan_that_does_not_fit_names_valid_settings():
     config = _load_config()
     config.model.text.remat = "full"
     gb = plan.GB
-    too_big = dict(params=4 * gb, opt_state=8 * gb, grads=4 * gb, temporaries=60 * gb, global_batch=256,
+    too_big = dict(params=4 * gb, batch_stats=0, opt_state=8 * gb, grads=4 * gb, temporaries=60 * gb, global_batch=256,
                    mesh=dict(data=8, fsdp=1, model=1))
     lines = [change.flags() for change in plan.advice(too_big, memory=16 * gb, config=config)]
     assert any("--config.mesh.fsdp=8 --config.mesh.data=1" in line for line in lines), lines
