@@ -4,7 +4,6 @@ Every check raises `ConfigError` with one message naming the setting, its value 
 """
 
 import dataclasses
-import json
 import math
 import numbers
 import os
@@ -14,6 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from clippy_jax.convert.common import CONFIG_FILE as CONVERTED_CONFIG_FILE
+from clippy_jax.convert.common import read_model_config
 from clippy_jax.data import eval_datasets, pipeline, sources
 from clippy_jax.evaluate import runner
 from clippy_jax.models import DTYPES, tower_kwargs
@@ -292,13 +292,15 @@ def _check_init(init: ml_collections.ConfigDict, image: ml_collections.ConfigDic
         if source != "random" and not tf.io.gfile.isdir(source):
             _fail(f"init.{tower}", source, "is not a directory",
                   "pass a directory written by `python -m clippy_jax.convert`, or 'random'")
-    path = os.path.join(init.image, CONVERTED_CONFIG_FILE)
-    if init.image == "random" or not tf.io.gfile.exists(path):
+    if init.image == "random":
         return
-    with tf.io.gfile.GFile(path) as f:
-        converted = json.load(f).get("model", {}).get("image")
+    try:
+        converted = read_model_config(init.image).get("image")
+    except FileNotFoundError:  # named when the checkpoint is loaded
+        return
     if not converted:
         return
+    path = os.path.join(init.image, CONVERTED_CONFIG_FILE)
     for key, default, alternative in (("tower", "vit", "an image checkpoint of that tower"),
                                       ("padding", EfficientNet.padding, "weights converted with that --padding")):
         ours, theirs = image.get(key, default), converted.get(key)

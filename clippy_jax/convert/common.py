@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import traverse_util
 
 PARAMS_DIR = "params"
@@ -262,15 +263,19 @@ def save_pretrained(
         json.dump(dict(model=model_config, source=dict(source)), f, indent=2, sort_keys=True)
 
 
+def read_model_config(directory: str) -> dict:
+    """The `config.model` entries a converted checkpoint implies (its `model_config.json`)."""
+    config_path = epath.Path(directory) / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"{directory} is not a converted checkpoint (no {CONFIG_FILE}); see python -m "
+                                "clippy_jax.convert.")
+    return json.loads(config_path.read_text())["model"]
+
+
 def load_pretrained(directory: str) -> tuple[dict, dict]:
     """Reads a converted checkpoint: (params subtree as numpy arrays, the `config.model` entries it implies)."""
     directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{directory} is not a converted checkpoint (no {CONFIG_FILE}); see python -m "
-                                "clippy_jax.convert.")
-    with open(config_path) as f:
-        model_config = json.load(f)["model"]
+    model_config = read_model_config(directory)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(directory, PARAMS_DIR))
     return jax.tree.map(np.asarray, params), model_config
